@@ -13,7 +13,7 @@ PY="${PYTHON:-python3}"
 if [[ $dev == 1 && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   # OpenGL needs an X server for napari's canvas (design §4).
   need=()
-  for p in xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-xinput0 libxcb-image0 \
+  for p in xvfb libgl1-mesa-dri libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-xinput0 libxcb-image0 \
            libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxcb-cursor0 libxkbcommon-x11-0 \
            libgl1 libegl1 libglib2.0-0 libfontconfig1 libdbus-1-3; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
@@ -26,16 +26,18 @@ fi
 
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 V=.venv/bin/python
-$V -m pip install -q --upgrade pip >/dev/null
+# This machine's pip config lists local indexes; silence its per-package "is ignored" noise.
+pipq() { $V -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pipq install -q --upgrade pip >/dev/null
 # torch first, pinned to the CPU build where one is available locally, so the
 # ">=" range in pyproject.toml is already satisfied and no multi-GB CUDA build is pulled.
 if ! $V -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch"
-  $V -m pip install -q "torch==${MIRROR_TORCH_VERSION:-2.13.0}"
+  pipq install -q "torch==${MIRROR_TORCH_VERSION:-2.13.0}"
 fi
 if [[ $dev == 1 ]]; then
-  $V -m pip install -q -e ".[dev]"
+  pipq install -q -e ".[dev]"
 else
-  $V -m pip install -q -e .
+  pipq install -q -e .
 fi
 echo "[setup] ready: $($V -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__)')"

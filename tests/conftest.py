@@ -1,0 +1,27 @@
+"""Shared test configuration.
+
+GUI tests use napari's ``make_napari_viewer`` fixture (napari's pytest plugin) under Xvfb
+(pytest-xvfb starts a virtual X server, so the OpenGL canvas is real).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+CMU_SMALL_SVS = SHARED_DATA / "CMU-1-Small-Region.svs"
+
+# Keep test runs deterministic and polite on small CI machines.
+os.environ.setdefault("MIRROR_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def cmu_small_svs() -> Path:
+    """The real Aperio slide from ../shared/data (skipped in a user's checkout without it)."""
+    if not CMU_SMALL_SVS.exists():
+        pytest.skip(f"real test slide not found at {CMU_SMALL_SVS} (only present beside the project's CI checkout)")
+    return CMU_SMALL_SVS
