@@ -19,9 +19,20 @@ CMU_SMALL_SVS = SHARED_DATA / "CMU-1-Small-Region.svs"
 os.environ.setdefault("MIRROR_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    # Tiny tensors: one thread avoids oversubscription on 2-core CI machines.
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def cmu_small_svs() -> Path:
     """The real Aperio slide from ../shared/data (skipped in a user's checkout without it)."""
     if not CMU_SMALL_SVS.exists():
-        pytest.skip(f"real test slide not found at {CMU_SMALL_SVS} (only present beside the project's CI checkout)")
+        pytest.skip(
+            f"real test slide not found at {CMU_SMALL_SVS} (only present beside the project's CI checkout)"
+        )
     return CMU_SMALL_SVS

@@ -52,7 +52,19 @@ def test_submodules_pull_no_gui(module):
 
 def test_cli_help_lists_every_command():
     out = subprocess.run(
-        [sys.executable, "-m", "mirror_model.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "mirror_model.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    for cmd in ("synth", "extract", "select-genes", "pretrain", "evaluate", "export", "predict", "demo"):
+    for cmd in (
+        "synth",
+        "extract",
+        "select-genes",
+        "pretrain",
+        "evaluate",
+        "export",
+        "predict",
+        "demo",
+    ):
         assert cmd in out

@@ -17,7 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(out),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -40,14 +49,28 @@ def test_wheel_contents(wheel):
     assert "mirror_model/data/demo.mirror" in names
     assert not any(n.startswith("tests/") for n in names)
     # Qt bindings are dev extras only, never a runtime requirement.
-    runtime = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
+    runtime = [
+        ln
+        for ln in metadata.splitlines()
+        if ln.startswith("Requires-Dist:") and "extra ==" not in ln
+    ]
     assert not any(q in ln for ln in runtime for q in ("PyQt", "PySide"))
 
 
 def test_plugin_discovered_from_installed_wheel(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
         text=True,

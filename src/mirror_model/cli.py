@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mirror-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mirror-train {args.command}: interrupted; completed work was kept.", file=sys.stderr)
+        print(
+            f"mirror-train {args.command}: interrupted; completed work was kept.", file=sys.stderr
+        )
         return 130
 
 

@@ -36,7 +36,12 @@ __all__ = [
 ]
 
 #: Metric keys written for every subtyping task, in this order (stable; metrics.json uses them).
-CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "auroc_macro", "f1_macro")
+CLASSIFICATION_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "balanced_accuracy",
+    "auroc_macro",
+    "f1_macro",
+)
 
 
 def _labels(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +146,7 @@ def confusion_matrix(
     cls = list(classes)
     index = {c: i for i, c in enumerate(cls)}
     cm = np.zeros((len(cls), len(cls)), dtype=np.int64)
-    for t, p in zip(a.tolist(), b.tolist()):
+    for t, p in zip(a.tolist(), b.tolist(), strict=True):
         if t in index and p in index:
             cm[index[t], index[p]] += 1
     return cm

@@ -1,0 +1,162 @@
+"""Plugin: how long a pathologist waits between pressing Run and seeing the heatmap.
+
+Two measurements of the same thing, on the embedded demo bundle and the sample slide
+(``napari_mirror._sample_data.demo_case``, generated once into the cache folder, untimed):
+
+``plugin_run_to_heatmap`` (the target row)
+    Exactly what the Run button's worker thread runs, without Qt:
+    ``napari_mirror._run.run_prediction(RunRequest(...))`` (bundle load + tiling + patch
+    encoding + slide/RNA encoders + heads) followed by the layer builders the widget calls
+    to show the result (``heatmap_layer_data``, ``top_tiles_layer_data``, ``top_tiles``).
+    Timed on the first Run in a fresh process whose plugin modules are already imported
+    (the bundle is not yet loaded: a pathologist's first Run). The second Run (bundle
+    cached) is reported as ``plugin_run_to_heatmap_warm``.
+``plugin_widget_run_to_heatmap``
+    The real widget in a real napari viewer (under Xvfb when there is no display): the slide
+    layer is opened, ``MirrorWidget.run()`` is called (what the button's click does), and the
+    clock stops when the heatmap layer is in the viewer and the canvas has drawn it.
+    Viewer start-up is not timed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import GB, Case, Context, Row, current_rss_bytes, peak_memory
+
+TARGET_S = 10.0
+
+
+def cases(ctx: Context) -> list[Case]:
+    tgt = None if ctx.tiny else TARGET_S
+    cmp_ = None if ctx.tiny else "<="
+    return [
+        Case("plugin_run_to_heatmap", "bench_plugin:run_pure", {},
+             timeout_s=600 if ctx.scale == "full" else 300,
+             expected_rows=[Row("plugin_run_to_heatmap", None, "s", tgt, cmp_),
+                            Row("plugin_run_to_heatmap_warm", None, "s")]),
+        Case("plugin_widget_run_to_heatmap", "bench_plugin:run_widget", {},
+             timeout_s=600 if ctx.scale == "full" else 300,
+             display=True,
+             expected_rows=[Row("plugin_widget_run_to_heatmap", None, "s", tgt, cmp_)]),
+    ]
+
+
+def _case(ctx: Context):
+    from napari_mirror._sample_data import demo_case
+
+    return demo_case(Path(ctx.cache_dir) / "plugin-sample")
+
+
+def run_pure(ctx: Context) -> list[Row]:
+    from napari_mirror._layers import heatmap_layer_data, top_tiles, top_tiles_layer_data
+    from napari_mirror._run import RunRequest, clear_bundle_cache, run_prediction
+
+    case = _case(ctx)  # untimed: the sample is on disk before the pathologist presses Run
+    req = RunRequest(slide_path=str(case.slide_path), expression_path=str(case.expression_path),
+                     sample_id=str(case.sample_id), device=ctx.device)
+    clear_bundle_cache()
+    base_rss = current_rss_bytes() / GB
+
+    def one_run() -> tuple[float, dict[str, float], Any]:
+        marks: list[tuple[str, float]] = []
+
+        def progress(done: int, total: int, stage: str) -> None:
+            if not marks or marks[-1][0] != stage:
+                marks.append((stage, time.perf_counter()))
+
+        t0 = time.perf_counter()
+        res = run_prediction(req, progress=progress)
+        pred = res.prediction
+        t_pred = time.perf_counter()
+        heatmap_layer_data(pred, mpp=float(pred.slide_mpp))
+        top_tiles_layer_data(pred, 10, mpp=float(pred.slide_mpp))
+        top_tiles(pred, 10, mpp=float(pred.slide_mpp))
+        t1 = time.perf_counter()
+        stages: dict[str, float] = {}
+        for i, (stage, ts) in enumerate(marks):
+            end = marks[i + 1][1] if i + 1 < len(marks) else t_pred
+            stages[stage] = round(stages.get(stage, 0.0) + end - ts, 3)
+        stages["layer data"] = round(t1 - t_pred, 3)
+        return t1 - t0, stages, pred
+
+    cold_s, cold_stages, pred = one_run()
+    warm_s, warm_stages, _ = one_run()
+    mem_gb, mem_kind = peak_memory(__import__("torch").device(ctx.device))
+    n_tiles = len(pred.coords_level0)
+    slowest = max(cold_stages.items(), key=lambda kv: kv[1]) if cold_stages else ("?", 0.0)
+    common = {"device": ctx.device, "n_tiles": n_tiles, "modalities": list(pred.modalities),
+              "slide_dimensions": list(pred.slide_dimensions), "peak_mem_gb": mem_gb,
+              "memory_kind": mem_kind, "baseline_rss_gb": base_rss,
+              "what": "napari_mirror._run.run_prediction + _layers builders (pure, no Qt)"}
+    tgt = None if ctx.tiny else TARGET_S
+    cmp_ = None if ctx.tiny else "<="
+    return [
+        Row("plugin_run_to_heatmap", cold_s, "s", tgt, cmp_,
+            note=f"first Run, {n_tiles} tiles; slowest stage {slowest[0]!r} {slowest[1]:.2f} s",
+            extra={**common, "stages_s": cold_stages}),
+        Row("plugin_run_to_heatmap_warm", warm_s, "s",
+            note="second Run (bundle cached)", extra={**common, "stages_s": warm_stages}),
+    ]
+
+
+def run_widget(ctx: Context) -> list[Row]:
+    if not os.environ.get("DISPLAY"):
+        raise ImportError("no X display for the napari viewer (install Xvfb: xvfb-run)")
+    os.environ["QT_QPA_PLATFORM"] = "xcb"
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_mirror._layers import slide_layer_data
+    from napari_mirror._qt._main import MirrorWidget
+
+    case = _case(ctx)
+    viewer = napari.Viewer(show=True)
+    try:
+        data, kw, _ = slide_layer_data(case.slide_path, name="slide")
+        slide_layer = viewer.add_image(data, **kw)
+        widget = MirrorWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="MIRROR")
+        widget.set_slide_layer(slide_layer)
+        widget.set_device(ctx.device)
+        widget.set_expression_file(str(case.expression_path), str(case.sample_id))
+        app = QApplication.instance()
+        for _ in range(20):
+            app.processEvents()
+        limit = 300.0
+        t0 = time.perf_counter()
+        widget.run()
+        while time.perf_counter() - t0 < limit:
+            app.processEvents()
+            if widget.heatmap_layer is not None and widget.heatmap_layer in viewer.layers:
+                break
+            if not widget.is_running:
+                # The worker finished (its `returned` signal comes before `finished`): let the
+                # queued slots run, then there must be a heatmap or an error.
+                for _ in range(50):
+                    app.processEvents()
+                if widget.heatmap_layer is not None and widget.heatmap_layer in viewer.layers:
+                    break
+                raise RuntimeError(
+                    f"the widget's run ended without a heatmap: {widget.last_error!r} "
+                    f"(status: {widget.status_label.text()!r})")
+            time.sleep(0.005)
+        else:
+            raise TimeoutError(f"no heatmap layer after {limit:.0f} s")
+        # Render once so the heatmap is on screen, not just in the layer list (public API;
+        # screenshot() draws the canvas with every visible layer).
+        viewer.screenshot(canvas_only=True, flash=False)
+        app.processEvents()
+        elapsed = time.perf_counter() - t0
+        n_tiles = len(widget.last_result.prediction.coords_level0)
+    finally:
+        viewer.close()
+    tgt = None if ctx.tiny else TARGET_S
+    return [Row("plugin_widget_run_to_heatmap", elapsed, "s", tgt, None if ctx.tiny else "<=",
+                note=f"napari viewer under {'Xvfb' if os.environ.get('MIRROR_BENCH_XVFB') else 'X'}"
+                     f", MirrorWidget.run() -> heatmap layer drawn, {n_tiles} tiles",
+                extra={"device": ctx.device, "n_tiles": n_tiles, "rss_gb": current_rss_bytes() / GB,
+                       "what": "MirrorWidget.run() to heatmap layer in the viewer and drawn"})]

@@ -1,0 +1,158 @@
+"""``mirror-train evaluate RUN [RUN ...]``: honest downstream evaluation of frozen encoders.
+
+Per fold, probes and survival heads are fitted on the fold's training patients and scored on
+its test patients. Writes ``metrics.json`` (layout in
+:mod:`mirror_model.evaluation.evaluate`), ``evaluation.json`` and ``report.md`` with PNG
+figures. Several runs (e.g. mirror vs tangle vs ablations) are compared in one report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _c_value(text: str) -> float | str:
+    if text == "cv":
+        return "cv"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'cv', got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number or 'cv', got {text!r}")
+    return v
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="pretraining run folder(s)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: RUN/evaluation for one run; required for several)",
+    )
+    parser.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="display name of each run, in order (repeat; default: the folder names)",
+    )
+    parser.add_argument(
+        "--inputs",
+        nargs="+",
+        default=["slide", "rna", "both"],
+        choices=["slide", "rna", "both"],
+        help="probe inputs (default: slide rna both; both = concatenated)",
+    )
+    parser.add_argument(
+        "--k-shots",
+        nargs="*",
+        type=int,
+        default=[1, 10, 25],
+        metavar="K",
+        help="k-shot probes, patients per class (default 1 10 25; none: --k-shots)",
+    )
+    parser.add_argument(
+        "--draws", type=int, default=10, help="seeded draws per k-shot probe (default 10)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of k-shot draws and inner CV (default 0)"
+    )
+    parser.add_argument(
+        "--probe-c",
+        type=_c_value,
+        default="cv",
+        help="logistic-regression C, or 'cv' = inner CV on training patients (default)",
+    )
+    parser.add_argument(
+        "--cox-penalizer", type=_c_value, default="cv", help="Cox L2 penaliser or 'cv' (default)"
+    )
+    parser.add_argument(
+        "--cox-components",
+        type=int,
+        default=32,
+        help="PCA components before the Cox model when embeddings are wider (default 32; 0 = no PCA)",
+    )
+    parser.add_argument(
+        "--hazard-weight-decay",
+        type=_c_value,
+        default="cv",
+        help="L2 penalty of the discrete-time hazard head or 'cv' (default)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (for embedding)")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    parser.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        help="embed at most this many tiles per slide (seeded subset; default all tiles)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="write metrics only, no report.md")
+
+
+def _print_summary(results: dict) -> None:
+    from ..evaluation.report import format_mean_sd
+
+    names = list(results)
+    width = max(8, *(len(n) for n in names))
+    print(
+        f"{'task':<16} {'input':<6} {'metric':<18} " + " ".join(f"{n:>{width + 8}}" for n in names)
+    )
+    first = results[names[0]].metrics
+    headline = {"auroc_macro", "balanced_accuracy", "c_index"}
+    for task, inps in first.items():
+        for inp, ms in inps.items():
+            for m in ms:
+                if m not in headline:
+                    continue
+                cells = [format_mean_sd(results[n].metrics[task][inp][m]) for n in names]
+                print(
+                    f"{task:<16} {inp:<6} {m:<18} " + " ".join(f"{c:>{width + 8}}" for c in cells)
+                )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._progress import TqdmProgress
+    from ..errors import ConfigError
+    from ..evaluation.evaluate import EvaluationSettings, evaluate_runs
+
+    runs = [Path(r) for r in args.runs]
+    if args.out is None:
+        if len(runs) > 1:
+            raise ConfigError("several runs are compared into one report: pass --out FOLDER.")
+        out = runs[0] / "evaluation"
+    else:
+        out = Path(args.out)
+    if args.names is not None and len(args.names) != len(runs):
+        raise ConfigError(
+            f"--name was given {len(args.names)} times for {len(runs)} runs; give one per run."
+        )
+    if args.max_tiles is not None and args.max_tiles < 1:
+        raise ConfigError("--max-tiles must be >= 1.")
+    settings = EvaluationSettings(
+        inputs=tuple(args.inputs),
+        k_shots=tuple(args.k_shots),
+        n_draws=args.draws,
+        seed=args.seed,
+        probe_C=args.probe_c,
+        cox_penalizer=args.cox_penalizer,
+        cox_max_components=None if args.cox_components == 0 else args.cox_components,
+        hazard_weight_decay=args.hazard_weight_decay,
+    )
+    with TqdmProgress() as bar:
+        results = evaluate_runs(
+            runs,
+            out,
+            names=args.names,
+            settings=settings,
+            device=args.device,
+            precision=args.precision,
+            max_tiles=args.max_tiles,
+            write_report_md=not args.no_report,
+            progress=bar,
+        )
+    _print_summary(results)
+    print(f"wrote {out / 'metrics.json'}" + ("" if args.no_report else f" and {out / 'report.md'}"))
+    return 0

@@ -1,0 +1,68 @@
+"""``mirror-train export``: write one fold of a pretraining run as a model bundle (.mirror).
+
+The bundle holds the fold's best model, subtype and Cox heads for slide-only, RNA-only and
+combined inputs (fitted on that fold's training patients), the risk cut-off, the fold's
+held-out patients as reference cohort, and the run's evaluate metrics when present.
+See :func:`mirror_model.bundle.export_bundle`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run", required=True, help="pretraining run folder (mirror-train pretrain --out)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="bundle to write: FILE.mirror (one file) or a folder (bundle.json + model.safetensors)",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="fold whose model goes into the bundle (default: 0, or the run's only model)",
+    )
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="metrics.json of mirror-train evaluate (default: looked for in the run folder)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device to embed the patients on (default cpu)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the heads' inner cross-validation"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, print only the path")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._progress import TqdmProgress
+    from ..bundle import export_bundle
+
+    with TqdmProgress(disable=True if args.quiet else None) as bar:
+        res = export_bundle(
+            args.run,
+            args.out,
+            fold=args.fold,
+            metrics_path=args.metrics,
+            device=args.device,
+            seed=args.seed,
+            progress=bar,
+        )
+    if args.quiet:
+        print(res.path)
+        return 0
+    print(res.bundle.summary())
+    for kind, m in res.reference_metrics.items():
+        parts = [f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and k != "n"]
+        print(f"  held-out fold {res.fold} ({kind}, n={m.get('n')}): {', '.join(parts) or 'n/a'}")
+    for note in res.notes:
+        print(f"  note: {note}", file=sys.stderr)
+    print(f"wrote {res.path}")
+    return 0

@@ -1,0 +1,132 @@
+"""``mirror-train predict``: run a model bundle on one slide and/or expression profile.
+
+Prints the subtype probabilities, the risk score with its percentile and group against the
+bundle's reference cohort, and the most attended tiles; writes the full JSON report
+(``--out``) and the per-tile attention (``--tiles-csv``). Uses
+:func:`mirror_model.inference.predict`, the same API as the napari plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        help="model bundle (.mirror file or folder; default: the shipped demo bundle)",
+    )
+    parser.add_argument(
+        "--slide", default=None, help="whole-slide image (svs, ndpi, mrxs, tiff, ome.tiff, ...)"
+    )
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="precomputed feature file (.h5) of the slide, instead of extracting",
+    )
+    parser.add_argument("--expression", default=None, help="expression table (CSV/TSV/parquet)")
+    parser.add_argument(
+        "--sample-id",
+        default=None,
+        help="row of the expression table (default: the only row, or the one matching the slide name)",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 µm/px when the slide file does not record it",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto = bf16 where the hardware is fast at it",
+    )
+    parser.add_argument(
+        "--encoder-weights",
+        default=None,
+        help="weights file of the bundle's patch encoder when it needs one (e.g. UNI)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="tiles per encoder call (default 64)"
+    )
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument(
+        "--tiles-csv", default=None, help="write per-tile coordinates and attention here"
+    )
+    parser.add_argument(
+        "--include-tiles",
+        action="store_true",
+        help="also put every tile's coordinates and attention into the JSON report",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _summary(pred: Any) -> str:
+    lines = [f"inputs: {' + '.join(pred.modalities)} (heads: {pred.input_kind})"]
+    if pred.sample_id:
+        lines.append(f"expression sample: {pred.sample_id} ({pred.sample_match})")
+    if pred.subtype_probabilities:
+        probs = ", ".join(f"{c} {p:.3f}" for c, p in pred.subtype_probabilities.items())
+        lines.append(f"subtype: {pred.predicted_subtype}  ({probs})")
+    if pred.risk_score is not None:
+        pct = "n/a" if pred.risk_percentile is None else f"{pred.risk_percentile:.0f}th percentile"
+        lines.append(
+            f"risk score: {pred.risk_score:.3f} (higher = worse prognosis), {pct} of the "
+            f"reference cohort, group {pred.risk_group or 'n/a'} (cut-off {pred.risk_cutoff:.3f})"
+            if pred.risk_cutoff is not None
+            else f"risk score: {pred.risk_score:.3f}, {pct}"
+        )
+    if pred.attention is not None:
+        lines.append(
+            f"tiles: {pred.n_tiles} of {pred.tile_size_level0} level-0 px "
+            f"({pred.tile_px} px at {pred.target_mpp:g} µm/px, encoder {pred.patch_encoder})"
+        )
+        for i in pred.top_tiles(5):
+            x, y = pred.coords_level0[i]
+            lines.append(f"  top tile #{i}: x={x} y={y} attention {pred.attention[i]:.4f}")
+    lines.append(
+        f"time: {pred.timings_s.get('total', 0):.2f} s on {pred.device} ({pred.precision})"
+    )
+    lines += [f"note: {w}" for w in pred.warnings]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._io import atomic_write_text
+    from .._progress import TqdmProgress
+    from ..bundle import load_bundle
+    from ..inference import predict
+
+    bundle = load_bundle(args.bundle)
+    with TqdmProgress(disable=True if args.quiet else None) as bar:
+        pred = predict(
+            bundle,
+            slide_path=args.slide,
+            features_path=args.features,
+            expression_path=args.expression,
+            sample_id=args.sample_id,
+            device=args.device,
+            precision=args.precision,
+            mpp=args.mpp,
+            progress=bar,
+            patch_encoder_weights=args.encoder_weights,
+            batch_size=args.batch_size,
+        )
+    print(_summary(pred))
+    if args.out:
+        doc = pred.to_dict(include_tiles=args.include_tiles)
+        atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.tiles_csv:
+        if pred.attention is None:
+            print("no slide input: no tiles to write", file=sys.stderr)
+        else:
+            pred.write_tiles_csv(args.tiles_csv)
+            print(f"wrote {args.tiles_csv}", file=sys.stderr)
+    return 0

@@ -1,0 +1,375 @@
+"""Model configuration: one frozen dataclass, validated in one place, plus named presets.
+
+:class:`ModelConfig` holds the *architecture and loss* description of a model, nothing about
+training (optimiser, learning rate, epochs and tile sampling belong to the trainer). It
+round-trips through JSON (``to_dict``/``from_dict``/``to_json``/``from_json``) so that a model
+bundle can rebuild the exact network, and every invalid value raises
+:class:`~mirror_model.errors.ConfigError` naming the field.
+
+Presets (``get_preset(name)``):
+
+``mirror``
+    The authors' released configuration (design §1.2–§1.7): TransMIL slide encoder with width
+    D = 768, 8 heads, D/2 Nyström landmarks, 6 Moore–Penrose iterations, value-conv kernel 33,
+    PPEG kernels 7/5/3; transformer RNA encoder with 12 heads, 2 blocks, MLP ratio 4,
+    dropout 0.1; K = 3000 prototypes; loss weights 0.5 / 0.15 / 0.15 / 0.1 / 0.1; mask ratio 0.75.
+``tangle``
+    The TANGLE baseline (design §1.10): gated-attention ABMIL slide encoder, MLP expression
+    encoder, symmetric InfoNCE only.
+``mirror-no-retention``, ``mirror-no-clustering``, ``mirror-align-only``
+    Ablations of ``mirror`` with the named loss terms switched off (their modules are not built,
+    so every parameter of every preset receives a gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "LOSS_NAMES",
+    "PRESETS",
+    "ModelConfig",
+    "get_preset",
+    "list_presets",
+]
+
+#: Names of the loss terms, in the order of the total loss (design §1.7).
+LOSS_NAMES: tuple[str, ...] = ("align", "ret_slide", "ret_rna", "style", "cluster")
+
+_SLIDE_ENCODERS = ("transmil", "abmil")
+_RNA_ENCODERS = ("mirror", "mlp")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and loss configuration of a MIRROR-family model.
+
+    All widths are numbers of features; all ratios are fractions in (0, 1].
+
+    Parameters
+    ----------
+    name
+        Free-text name (the preset it came from, by default).
+    patch_dim
+        D_p, the width of the frozen patch features (e.g. 768 for Phikon, 1024 for UNI).
+    n_genes
+        G, the number of genes of the expression input, in the order stored with the model.
+    embed_dim
+        D, the width of both modality embeddings.
+    slide_encoder
+        ``"transmil"`` (MIRROR) or ``"abmil"`` (gated attention, TANGLE).
+    rna_encoder
+        ``"mirror"`` (transformer over feature chunks) or ``"mlp"`` (TANGLE).
+    slide_heads, slide_landmarks, pinv_iterations, nystrom_conv_kernel, ppeg_kernels, slide_dropout
+        TransMIL settings. ``slide_landmarks = 0`` means D/2 (the authors' choice);
+        ``nystrom_conv_kernel = 0`` disables the depthwise value convolution.
+    abmil_attention_dim, abmil_dropout
+        Gated ABMIL settings (hidden width of the attention branch; dropout after the input
+        projection).
+    rna_heads, rna_depth, rna_mlp_ratio, rna_dropout
+        Transformer RNA encoder (and RNA retention decoder block) settings.
+    rna_mlp_hidden_dims
+        Hidden widths of the MLP expression encoder.
+    logit_scale_init, logit_scale_max
+        Initial value of the learnable log logit scale t (s = exp(t)) and the maximum of s.
+    align_normalize_after_head
+        The authors L2-normalise *before* the alignment head and not after (``False``, faithful);
+        ``True`` also normalises the head outputs (standard CLIP cosine logits).
+    slide_mask_ratio, rna_mask_ratio
+        Fraction of slide tokens / RNA embedding coordinates replaced by the mask token in the
+        retention branch (the realised count per sample is ``n - int(n * (1 - ratio))``).
+    retention_stop_gradient
+        Detach the retention targets (the authors do not: ``False``).
+    slide_decoder_depth, rna_decoder_depth
+        Number of decoder layers of the retention branches.
+    style_hidden_dims, latent_dim, n_prototypes
+        Style-clustering MLP widths (D→512→256), latent width (128) and prototype count K.
+    weight_align, weight_ret_slide, weight_ret_rna, weight_style, weight_cluster
+        Loss weights; a weight of 0 switches the term off and its modules are not built.
+    """
+
+    name: str = "mirror"
+    patch_dim: int = 768
+    n_genes: int = 1000
+    embed_dim: int = 768
+    slide_encoder: str = "transmil"
+    rna_encoder: str = "mirror"
+    # TransMIL (design §1.2)
+    slide_heads: int = 8
+    slide_landmarks: int = 0
+    pinv_iterations: int = 6
+    nystrom_conv_kernel: int = 33
+    ppeg_kernels: tuple[int, ...] = (7, 5, 3)
+    slide_dropout: float = 0.1
+    # gated ABMIL (design §1.10)
+    abmil_attention_dim: int = 256
+    abmil_dropout: float = 0.1
+    # transformer RNA encoder (design §1.3)
+    rna_heads: int = 12
+    rna_depth: int = 2
+    rna_mlp_ratio: float = 4.0
+    rna_dropout: float = 0.1
+    # MLP RNA encoder (TANGLE)
+    rna_mlp_hidden_dims: tuple[int, ...] = (1024, 1024)
+    # alignment (design §1.4)
+    logit_scale_init: float = math.log(1.0 / 0.07)
+    logit_scale_max: float = 100.0
+    align_normalize_after_head: bool = False
+    # retention (design §1.5)
+    slide_mask_ratio: float = 0.75
+    rna_mask_ratio: float = 0.75
+    retention_stop_gradient: bool = False
+    slide_decoder_depth: int = 1
+    rna_decoder_depth: int = 1
+    # style clustering (design §1.6)
+    style_hidden_dims: tuple[int, ...] = (512, 256)
+    latent_dim: int = 128
+    n_prototypes: int = 3000
+    # loss weights (design §1.7)
+    weight_align: float = 0.5
+    weight_ret_slide: float = 0.15
+    weight_ret_rna: float = 0.15
+    weight_style: float = 0.1
+    weight_cluster: float = 0.1
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        # JSON gives lists; store tuples so the config stays hashable and comparable.
+        for name in ("ppeg_kernels", "rna_mlp_hidden_dims", "style_hidden_dims"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        _validate(self)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def landmarks(self) -> int:
+        """Number of Nyström landmarks actually used (``slide_landmarks`` or D/2)."""
+        return self.slide_landmarks if self.slide_landmarks > 0 else max(1, self.embed_dim // 2)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """``{loss name: weight}`` for every term, including switched-off ones (weight 0)."""
+        return {n: float(getattr(self, f"weight_{n}")) for n in LOSS_NAMES}
+
+    @property
+    def active_losses(self) -> tuple[str, ...]:
+        """Names of the loss terms with a positive weight, in :data:`LOSS_NAMES` order."""
+        return tuple(n for n, w in self.loss_weights.items() if w > 0)
+
+    @property
+    def use_style_module(self) -> bool:
+        """Whether the style-clustering module is built (style or cluster loss active)."""
+        return self.weight_style > 0 or self.weight_cluster > 0
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def replace(self, **changes: Any) -> ModelConfig:
+        """Return a validated copy with ``changes`` applied (unknown names raise ConfigError).
+
+        When ``embed_dim`` changes and a head count (``slide_heads``, ``rna_heads``) that is not
+        itself given no longer divides it, that head count becomes the largest divisor of the
+        new ``embed_dim`` not above its current value (e.g. ``embed_dim=128`` turns the preset's
+        12 RNA heads into 8); the returned config states the value used. The constructor never
+        adjusts anything.
+        """
+        _check_names(changes, "ModelConfig.replace")
+        width = changes.get("embed_dim")
+        if _is_int(width) and width > 0:
+            for heads_field in ("slide_heads", "rna_heads"):
+                heads = getattr(self, heads_field)
+                if heads_field not in changes and _is_int(heads) and heads > 0 and width % heads:
+                    changes[heads_field] = max(h for h in range(1, heads + 1) if width % h == 0)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ConfigError naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a JSON object; got {type(data).__name__}.")
+        _check_names(data, "model config")
+        return cls(**data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text of :meth:`to_dict` (keys in field order)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """Inverse of :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------------- validation helpers
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _check_names(data: dict[str, Any], where: str) -> None:
+    unknown = [k for k in data if k not in _FIELD_NAMES]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), sorted(_FIELD_NAMES), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(hints)}. "
+            f"Valid fields: {', '.join(sorted(_FIELD_NAMES))}."
+        )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _validate(c: ModelConfig) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"ModelConfig.{name} = {getattr(c, name)!r} is invalid: {why}.")
+
+    if not isinstance(c.name, str):
+        raise bad("name", "must be a string")
+    positive_ints = (
+        "patch_dim", "n_genes", "embed_dim", "slide_heads", "pinv_iterations", "abmil_attention_dim",
+        "rna_heads", "rna_depth", "slide_decoder_depth", "rna_decoder_depth", "latent_dim",
+    )  # fmt: skip
+    for name in positive_ints:
+        v = getattr(c, name)
+        if not _is_int(v) or v < 1:
+            raise bad(name, "must be a positive integer")
+    for name in ("slide_landmarks", "nystrom_conv_kernel"):
+        v = getattr(c, name)
+        if not _is_int(v) or v < 0:
+            raise bad(name, "must be a non-negative integer (0 = default / off)")
+    if c.nystrom_conv_kernel and c.nystrom_conv_kernel % 2 == 0:
+        raise bad("nystrom_conv_kernel", "must be odd so the convolution keeps the sequence length")
+    if not _is_int(c.n_prototypes) or c.n_prototypes < 2:
+        raise bad("n_prototypes", "must be an integer >= 2")
+    if c.slide_encoder not in _SLIDE_ENCODERS:
+        raise bad("slide_encoder", f"must be one of {', '.join(_SLIDE_ENCODERS)}")
+    if c.rna_encoder not in _RNA_ENCODERS:
+        raise bad("rna_encoder", f"must be one of {', '.join(_RNA_ENCODERS)}")
+    for name in ("ppeg_kernels", "rna_mlp_hidden_dims", "style_hidden_dims"):
+        v = getattr(c, name)
+        if not isinstance(v, tuple) or not all(_is_int(k) and k >= 1 for k in v):
+            raise bad(name, "must be a list of positive integers")
+    if not c.ppeg_kernels or any(k % 2 == 0 for k in c.ppeg_kernels):
+        raise bad("ppeg_kernels", "must be a non-empty list of odd kernel sizes (e.g. [7, 5, 3])")
+    if not c.style_hidden_dims:
+        raise bad("style_hidden_dims", "must hold at least one width (e.g. [512, 256])")
+    for name in ("slide_dropout", "abmil_dropout", "rna_dropout"):
+        v = getattr(c, name)
+        if not _is_num(v) or not 0.0 <= v < 1.0:
+            raise bad(name, "must be a probability in [0, 1)")
+    for name in ("slide_mask_ratio", "rna_mask_ratio"):
+        v = getattr(c, name)
+        if not _is_num(v) or not 0.0 < v <= 1.0:
+            raise bad(name, "must be a fraction in (0, 1]")
+    if not _is_num(c.rna_mlp_ratio) or c.rna_mlp_ratio <= 0:
+        raise bad("rna_mlp_ratio", "must be a positive number")
+    if not _is_num(c.logit_scale_max) or c.logit_scale_max <= 0:
+        raise bad("logit_scale_max", "must be a positive number (the cap on s = exp(t))")
+    if (
+        not _is_num(c.logit_scale_init)
+        or math.exp(min(c.logit_scale_init, 700)) > c.logit_scale_max
+    ):
+        raise bad(
+            "logit_scale_init",
+            f"exp(logit_scale_init) must be <= logit_scale_max = {c.logit_scale_max}",
+        )
+    for name in ("align_normalize_after_head", "retention_stop_gradient"):
+        if not isinstance(getattr(c, name), bool):
+            raise bad(name, "must be true or false")
+    for n in LOSS_NAMES:
+        v = getattr(c, f"weight_{n}")
+        if not _is_num(v) or v < 0:
+            raise bad(f"weight_{n}", "must be a non-negative number (0 switches the term off)")
+    if not c.active_losses:
+        raise ConfigError(
+            "ModelConfig: all loss weights are 0, nothing would be trained; "
+            "set at least one of " + ", ".join(f"weight_{n}" for n in LOSS_NAMES) + " > 0."
+        )
+    if c.slide_encoder == "transmil" and c.embed_dim % c.slide_heads:
+        raise bad("slide_heads", f"must divide embed_dim = {c.embed_dim}")
+    if c.weight_ret_slide > 0 and c.embed_dim % c.slide_heads:
+        raise bad("slide_heads", f"must divide embed_dim = {c.embed_dim} (slide retention decoder)")
+    if (c.rna_encoder == "mirror" or c.weight_ret_rna > 0) and c.embed_dim % c.rna_heads:
+        raise bad("rna_heads", f"must divide embed_dim = {c.embed_dim}")
+
+
+# ---------------------------------------------------------------------- presets
+_MIRROR = ModelConfig(name="mirror")
+
+PRESETS: dict[str, ModelConfig] = {
+    "mirror": _MIRROR,
+    "tangle": ModelConfig(
+        name="tangle",
+        slide_encoder="abmil",
+        rna_encoder="mlp",
+        weight_align=1.0,
+        weight_ret_slide=0.0,
+        weight_ret_rna=0.0,
+        weight_style=0.0,
+        weight_cluster=0.0,
+    ),
+    "mirror-no-retention": _MIRROR.replace(
+        name="mirror-no-retention", weight_ret_slide=0.0, weight_ret_rna=0.0
+    ),
+    "mirror-no-clustering": _MIRROR.replace(
+        name="mirror-no-clustering", weight_style=0.0, weight_cluster=0.0
+    ),
+    "mirror-align-only": _MIRROR.replace(
+        name="mirror-align-only",
+        weight_ret_slide=0.0,
+        weight_ret_rna=0.0,
+        weight_style=0.0,
+        weight_cluster=0.0,
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the built-in presets."""
+    return list(PRESETS)
+
+
+def get_preset(name: str | ModelConfig, **overrides: Any) -> ModelConfig:
+    """Return preset ``name`` (a :class:`ModelConfig`), with optional field ``overrides``.
+
+    Overrides go through :meth:`ModelConfig.replace` (which keeps head counts valid when only
+    ``embed_dim`` is changed, e.g. ``embed_dim=128`` gives ``rna_heads=8``).
+    """
+    if isinstance(name, ModelConfig):
+        cfg = name
+    else:
+        try:
+            cfg = PRESETS[str(name)]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.{hint}"
+            ) from None
+    if not overrides:
+        return cfg
+    return cfg.replace(**overrides)

@@ -1,0 +1,815 @@
+"""THE inference API: one slide and/or one expression profile through a model bundle.
+
+Used by ``mirror-train predict`` and by the napari plugin alike::
+
+    from mirror_model.bundle import load_bundle, default_bundle_path
+    from mirror_model.inference import predict
+
+    bundle = load_bundle(default_bundle_path())
+    pred = predict(bundle, slide_path="slide.svs", expression_path="expr.csv")
+    pred.subtype_probabilities, pred.risk_score, pred.risk_group, pred.attention
+
+What happens
+------------
+Slide (``slide_path``): the slide is tiled with the bundle's tiling (``target_mpp``, ``tile_px``,
+tissue threshold), every tile is encoded in memory with the bundle's patch encoder, and the
+slide encoder gives the slide embedding and one attention weight per tile (CLS attention of
+the last layer, averaged over heads; sums to 1 over the tiles). Precomputed features
+(``features_path``, a ``.h5`` from ``mirror-train extract``/CLAM/TRIDENT) skip the tiling and
+encoding; they must come from the bundle's patch encoder (checked).
+
+Expression (``expression_path`` or ``expression_values``): one row is chosen (``sample_id``;
+else the only row; else the row whose sample ID matches the slide's file name, see
+:func:`match_sample`), the bundle's genes are taken in the bundle's order (a table lacking any of
+them is refused, listing them), normalised with the bundle's training statistics, and the RNA
+encoder gives the RNA embedding.
+
+Heads: the input kind is ``"both"`` (slide and RNA embeddings concatenated) when both are
+given, else ``"slide"`` or ``"rna"``; the bundle's subtype probe gives the class
+probabilities and its Cox head the risk score (**higher = worse prognosis**; the Cox linear
+predictor). The risk percentile (0–100) is the share of the bundle's reference cohort (held-out
+patients of the exported fold) with a lower risk (ties count half); the risk group is
+``"high"`` when the risk exceeds the cut-off chosen on the training patients (their median
+risk), ``"low"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._progress import ProgressFn, StopFn, check_cancel, report
+from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
+
+__all__ = [
+    "Prediction",
+    "match_sample",
+    "predict",
+    "slide_stem",
+]
+
+# Extensions stripped from a slide file name before matching it to sample IDs.
+_SLIDE_SUFFIXES = (
+    ".ome.tiff",
+    ".ome.tif",
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".tiff",
+    ".tif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".bif",
+    ".h5",
+    ".pt",
+    ".pth",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
+_TCGA_RE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """What the model says about one patient.
+
+    Attributes
+    ----------
+    modalities : tuple of str
+        Inputs used, in order: ``("slide",)``, ``("rna",)`` or ``("slide", "rna")``.
+    input_kind : str
+        Head input kind used: ``"slide"``, ``"rna"`` or ``"both"``.
+    coords_level0 : np.ndarray or None
+        ``[N, 2]`` int64 (x, y) top-left corner of every tile, level-0 pixels (None: no slide).
+    tile_size_level0 : int or None
+        Side of a tile in level-0 pixels.
+    attention : np.ndarray or None
+        ``[N]`` float64 attention per tile (non-negative, sums to 1), None without a slide.
+    subtype_probabilities : dict[str, float] or None
+        Class → probability (sums to 1), in the bundle's class order; None without a head.
+    predicted_subtype : str or None
+        The most probable class.
+    risk_score : float or None
+        Cox linear predictor: **higher = worse prognosis** (only comparable within one bundle
+        and input kind).
+    risk_percentile : float or None
+        0–100: share of the bundle's reference cohort with a lower risk (ties count half).
+    risk_group : str or None
+        ``"high"`` if ``risk_score`` > ``risk_cutoff`` else ``"low"``.
+    risk_cutoff : float or None
+        The cut-off (median risk of the bundle's training patients).
+    reference_km : dict
+        ``{group: {"time": [...], "survival": [...], ...}}`` Kaplan–Meier curves of the reference
+        cohort's risk groups for this input kind (time in the cohort's unit, e.g. months).
+    slide_path, features_path, expression_path : str or None
+        Inputs as given.
+    sample_id : str or None
+        Expression row used.
+    sample_match : str or None
+        How the row was chosen (``"given"``, ``"only row"``, ``"matched slide name"``).
+    slide_mpp : float or None
+        Level-0 µm per pixel of the slide (or as recorded in the feature file).
+    slide_dimensions : tuple[int, int] or None
+        Level-0 (width, height) in pixels.
+    target_mpp, tile_px : float, int or None
+        Tiling of the slide (µm/px of the tiles, tile side in pixels at that resolution).
+    patch_encoder : str or None
+        Patch encoder used.
+    slide_embedding, rna_embedding : np.ndarray or None
+        ``[D]`` float32 embeddings (before the alignment heads).
+    bundle_sha256, bundle_name : str
+        Identify the exact model.
+    device, precision : str
+        Where and how the model ran.
+    timings_s : dict[str, float]
+        Seconds per stage (``open_slide``, ``tiling``, ``patch_features`` or ``read_features``,
+        ``slide_encoder``, ``expression``, ``rna_encoder``, ``heads``, ``total``).
+    warnings : list[str]
+        Notes worth showing to the user (e.g. a fallback to single-modality heads).
+    """
+
+    modalities: tuple[str, ...]
+    input_kind: str
+    coords_level0: np.ndarray | None = None
+    tile_size_level0: int | None = None
+    attention: np.ndarray | None = None
+    subtype_probabilities: dict[str, float] | None = None
+    predicted_subtype: str | None = None
+    risk_score: float | None = None
+    risk_percentile: float | None = None
+    risk_group: str | None = None
+    risk_cutoff: float | None = None
+    reference_km: dict[str, Any] = field(default_factory=dict)
+    slide_path: str | None = None
+    features_path: str | None = None
+    expression_path: str | None = None
+    sample_id: str | None = None
+    sample_match: str | None = None
+    slide_mpp: float | None = None
+    slide_dimensions: tuple[int, int] | None = None
+    target_mpp: float | None = None
+    tile_px: int | None = None
+    patch_encoder: str | None = None
+    slide_embedding: np.ndarray | None = None
+    rna_embedding: np.ndarray | None = None
+    bundle_sha256: str = ""
+    bundle_name: str = ""
+    device: str = "cpu"
+    precision: str = "fp32"
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_tiles(self) -> int:
+        return 0 if self.coords_level0 is None else int(self.coords_level0.shape[0])
+
+    def top_tiles(self, k: int = 10) -> np.ndarray:
+        """Indices of the ``k`` tiles with the highest attention, highest first."""
+        if self.attention is None:
+            return np.zeros(0, dtype=np.int64)
+        order = np.argsort(-self.attention, kind="stable")
+        return order[: max(0, int(k))].astype(np.int64)
+
+    def tiles_table(self) -> dict[str, np.ndarray]:
+        """Per-tile columns: ``tile``, ``x_level0``, ``y_level0``, ``size_level0``,
+        ``attention``, ``attention_rank`` (1 = highest), ``attention_percentile`` (0–100)."""
+        if self.attention is None or self.coords_level0 is None:
+            raise ConfigError("this prediction has no slide input, so it has no tiles.")
+        n = self.n_tiles
+        order = np.argsort(-self.attention, kind="stable")
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(1, n + 1)
+        pct = 100.0 * (n - rank) / max(n - 1, 1)
+        return {
+            "tile": np.arange(n, dtype=np.int64),
+            "x_level0": self.coords_level0[:, 0],
+            "y_level0": self.coords_level0[:, 1],
+            "size_level0": np.full(n, int(self.tile_size_level0 or 0), dtype=np.int64),
+            "attention": self.attention,
+            "attention_rank": rank,
+            "attention_percentile": pct,
+        }
+
+    def write_tiles_csv(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`tiles_table` as CSV (atomically); returns the path."""
+        from ._io import atomic_write_text
+
+        cols = self.tiles_table()
+        lines = [",".join(cols)]
+        for i in range(self.n_tiles):
+            lines.append(
+                f"{cols['tile'][i]},{cols['x_level0'][i]},{cols['y_level0'][i]},"
+                f"{cols['size_level0'][i]},{cols['attention'][i]:.8g},"
+                f"{cols['attention_rank'][i]},{cols['attention_percentile'][i]:.3f}"
+            )
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        return Path(path)
+
+    def to_dict(self, include_tiles: bool = False, top_k: int = 10) -> dict[str, Any]:
+        """JSON-able report. Per-tile values only with ``include_tiles`` (they can be many);
+        the ``top_k`` highest-attention tiles are always listed."""
+        d: dict[str, Any] = {
+            "modalities": list(self.modalities),
+            "input_kind": self.input_kind,
+            "inputs": {
+                "slide_path": self.slide_path,
+                "features_path": self.features_path,
+                "expression_path": self.expression_path,
+                "sample_id": self.sample_id,
+                "sample_match": self.sample_match,
+            },
+            "subtype": None
+            if self.subtype_probabilities is None
+            else {
+                "predicted": self.predicted_subtype,
+                "probabilities": dict(self.subtype_probabilities),
+            },
+            "survival": None
+            if self.risk_score is None
+            else {
+                "risk_score": self.risk_score,
+                "risk_score_direction": "higher = worse prognosis",
+                "risk_percentile": self.risk_percentile,
+                "risk_group": self.risk_group,
+                "risk_cutoff": self.risk_cutoff,
+                "reference_km": self.reference_km,
+            },
+            "slide": None
+            if self.attention is None
+            else {
+                "n_tiles": self.n_tiles,
+                "tile_size_level0": self.tile_size_level0,
+                "slide_mpp": self.slide_mpp,
+                "slide_dimensions": list(self.slide_dimensions) if self.slide_dimensions else None,
+                "target_mpp": self.target_mpp,
+                "tile_px": self.tile_px,
+                "patch_encoder": self.patch_encoder,
+                "top_tiles": [
+                    {
+                        "tile": int(i),
+                        "x_level0": int(self.coords_level0[i, 0]),
+                        "y_level0": int(self.coords_level0[i, 1]),
+                        "attention": float(self.attention[i]),
+                    }
+                    for i in self.top_tiles(top_k)
+                ]
+                if self.coords_level0 is not None
+                else [],
+            },
+            "model": {
+                "bundle": self.bundle_name,
+                "bundle_sha256": self.bundle_sha256,
+                "device": self.device,
+                "precision": self.precision,
+            },
+            "timings_s": dict(self.timings_s),
+            "warnings": list(self.warnings),
+        }
+        if include_tiles and self.attention is not None and self.coords_level0 is not None:
+            d["slide"]["tiles"] = {
+                "coords_level0": self.coords_level0.tolist(),
+                "attention": self.attention.tolist(),
+            }
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# sample matching
+# --------------------------------------------------------------------------------------------
+def slide_stem(path: str | os.PathLike[str]) -> str:
+    """File name of a slide without its (possibly double) extension (``a.ome.tif`` → ``a``)."""
+    name = Path(path).name
+    low = name.lower()
+    for suf in _SLIDE_SUFFIXES:
+        if low.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def match_sample(table: Any, slide_path: str | os.PathLike[str] | None) -> str | None:
+    """The expression row (sample ID) that belongs to a slide, or None when unclear.
+
+    Rules, in order: a table with one row → that row; a sample ID equal to the slide's file
+    name (without extension) → it; TCGA barcodes → the samples sharing the slide's first 12
+    characters (patient), preferring a primary-tumour sample (type 01–09) when several;
+    otherwise the longest sample ID that is a prefix of the file name followed by a separator
+    (``P007`` for ``P007_HE.svs``) or that contains the file name followed by one. Ambiguous
+    or no match → None (the caller asks the user).
+
+    Parameters
+    ----------
+    table : ExpressionTable or a sequence of sample IDs.
+    slide_path : the slide (or its feature file); None → only the one-row rule applies.
+    """
+    ids = [str(s) for s in (table.sample_ids if hasattr(table, "sample_ids") else table)]
+    if len(ids) == 1:
+        return ids[0]
+    if not ids or slide_path is None:
+        return None
+    stem = slide_stem(slide_path)
+    if stem in ids:
+        return stem
+    low = {s.lower(): s for s in ids}
+    if stem.lower() in low and sum(s.lower() == stem.lower() for s in ids) == 1:
+        return low[stem.lower()]
+    if _TCGA_RE.match(stem):
+        key = stem[:12].upper()
+        cands = [s for s in ids if s[:12].upper() == key]
+        if len(cands) > 1:
+            tumour = [s for s in cands if _tcga_type(s) is not None and _tcga_type(s) < 10]
+            # the slide's own sample type, when its barcode has one, decides first
+            own = [s for s in cands if len(stem) >= 15 and s[:15].upper() == stem[:15].upper()]
+            cands = own if len(own) == 1 else tumour
+        return cands[0] if len(cands) == 1 else None
+    seps = "_-. "
+    pref = [s for s in ids if len(s) < len(stem) and stem.startswith(s) and stem[len(s)] in seps]
+    if pref:
+        best = max(len(s) for s in pref)
+        top = [s for s in pref if len(s) == best]
+        return top[0] if len(top) == 1 else None
+    cont = [s for s in ids if len(stem) < len(s) and s.startswith(stem) and s[len(stem)] in seps]
+    return cont[0] if len(cont) == 1 else None
+
+
+def _tcga_type(sample_id: str) -> int | None:
+    s = sample_id.strip()
+    if len(s) >= 15 and s[12] == "-" and s[13:15].isdigit():
+        return int(s[13:15])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+class _Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def stage(self, name: str) -> _Stage:
+        return _Stage(self, name)
+
+    def total(self) -> None:
+        self.t["total"] = round(time.perf_counter() - self._start, 4)
+
+
+class _Stage:
+    def __init__(self, timer: _Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.t[self.name] = round(
+            self.timer.t.get(self.name, 0.0) + time.perf_counter() - self.t0, 4
+        )
+
+
+def predict(
+    bundle: Any,
+    slide_path: str | os.PathLike[str] | None = None,
+    features_path: str | os.PathLike[str] | None = None,
+    expression_path: str | os.PathLike[str] | None = None,
+    sample_id: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    mpp: float | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    *,
+    expression_values: Any = None,
+    patch_encoder_weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+) -> Prediction:
+    """Run a model bundle on one patient's slide and/or expression profile.
+
+    Parameters
+    ----------
+    bundle : Bundle or path
+        A loaded :class:`~mirror_model.bundle.Bundle` or a bundle path (loaded here).
+    slide_path : path, optional
+        A whole-slide image (anything :func:`mirror_model.slide.open_slide` reads). With
+        ``features_path`` too, the slide only supplies resolution and size (no re-extraction).
+    features_path : path, optional
+        Precomputed features (``.h5``) of the slide from the bundle's patch encoder.
+    expression_path : path, optional
+        Expression table (CSV/TSV/parquet, either orientation).
+    sample_id : str, optional
+        Row of the expression table (TCGA barcodes match on 12 characters). Default: the
+        only row, or the row matching the slide's name (:func:`match_sample`).
+    device : ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    precision : ``"auto"``, ``"fp32"`` or ``"bf16"`` (never fp16).
+    mpp : float, optional
+        Level-0 µm per pixel of the slide when its file does not record it.
+    progress : ProgressFn, optional
+        Called as ``progress(done, total, stage)``.
+    should_stop : StopFn, optional
+        Polled between units of work; when it returns True, :class:`Cancelled` is raised
+        (nothing is written anywhere).
+    expression_values : ExpressionTable, mapping gene → value, pandas Series, or 1-D array
+        in the bundle's gene order; an alternative to ``expression_path``.
+    patch_encoder_weights : path, optional
+        Weights file of the bundle's patch encoder when it needs one (e.g. UNI); the
+        embedded ``stain-texture`` encoder needs none.
+    batch_size, num_workers : tiles per encoder batch; tile-reading threads.
+
+    Returns
+    -------
+    Prediction
+
+    Raises
+    ------
+    ConfigError
+        Neither a slide/feature file nor an expression input was given, or the bundle has no
+        head for the inputs given.
+    SlideError, FeatureFileError, ExpressionError, BundleError
+        For unreadable or mismatched inputs (message names the file and what to do).
+    Cancelled
+        When ``should_stop()`` returned True.
+    """
+    from ._device import autocast, resolve_device, resolve_precision
+    from .bundle import Bundle, load_bundle
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    have_slide = slide_path is not None or features_path is not None
+    have_rna = expression_path is not None or expression_values is not None
+    if not have_slide and not have_rna:
+        raise ConfigError(
+            "nothing to predict from: give a slide (slide_path / --slide), precomputed features "
+            "(features_path / --features) and/or an expression table (expression_path / "
+            "--expression)."
+        )
+    if expression_path is not None and expression_values is not None:
+        raise ConfigError("give either expression_path or expression_values, not both.")
+    if have_slide and not bundle.has_slide_encoder:
+        raise ConfigError(
+            f"model bundle {bundle.name} has no slide heads; it predicts from expression only."
+        )
+    if have_rna and not bundle.has_rna_encoder:
+        raise ConfigError(
+            f"model bundle {bundle.name} has no RNA heads (no gene list); it predicts from "
+            "slides only."
+        )
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model = _model_on(bundle, dev)
+    timer = _Timer()
+    pred = Prediction(
+        modalities=(),
+        input_kind="",
+        slide_path=None if slide_path is None else str(slide_path),
+        features_path=None if features_path is None else str(features_path),
+        expression_path=None if expression_path is None else str(expression_path),
+        bundle_sha256=bundle.sha256,
+        bundle_name=bundle.name,
+        device=str(dev),
+        precision=prec,
+    )
+    import torch
+
+    modalities: list[str] = []
+    # ---- expression first: it is fast, and a bad table should fail before a long extraction
+    x_rna: np.ndarray | None = None
+    if have_rna:
+        check_cancel(should_stop, "prediction")
+        report(progress, 0, 1, "reading expression")
+        with timer.stage("expression"):
+            x_rna, sid, how = _expression_vector(
+                bundle,
+                expression_path,
+                expression_values,
+                sample_id,
+                slide_path if slide_path is not None else features_path,
+            )
+        pred.sample_id, pred.sample_match = sid, how
+        report(progress, 1, 1, "reading expression")
+
+    # ---- slide
+    if have_slide:
+        feats = _slide_features(
+            bundle,
+            pred,
+            slide_path,
+            features_path,
+            mpp,
+            dev,
+            prec,
+            timer,
+            progress,
+            should_stop,
+            patch_encoder_weights,
+            batch_size,
+            num_workers,
+        )
+        check_cancel(should_stop, "prediction")
+        report(progress, 0, 1, "slide encoder")
+        with timer.stage("slide_encoder"), torch.no_grad():
+            xb = torch.from_numpy(feats).to(dev).unsqueeze(0)
+            with autocast(dev, prec):
+                enc = model.encode_slide(xb)
+            pred.slide_embedding = enc.embedding.float().cpu().numpy()[0]
+            att = enc.attention.float().cpu().numpy()[0].astype(np.float64)
+        # renormalise in float64: bf16 rounding must not leave a sum of 0.998
+        att = np.clip(att, 0.0, None)
+        s = att.sum()
+        pred.attention = att / s if s > 0 else np.full(att.shape, 1.0 / max(att.size, 1))
+        modalities.append("slide")
+        report(progress, 1, 1, "slide encoder")
+
+    if x_rna is not None:
+        check_cancel(should_stop, "prediction")
+        with timer.stage("rna_encoder"), torch.no_grad():
+            rb = torch.from_numpy(x_rna[None, :]).to(dev)
+            with autocast(dev, prec):
+                z = model.encode_rna(rb)
+            pred.rna_embedding = z.float().cpu().numpy()[0]
+        modalities.append("rna")
+
+    # ---- heads
+    check_cancel(should_stop, "prediction")
+    with timer.stage("heads"):
+        _apply_heads(bundle, pred, tuple(modalities))
+    timer.total()
+    pred.timings_s = timer.t
+    return pred
+
+
+def _model_on(bundle: Any, dev: Any) -> Any:
+    """The bundle's model on ``dev`` (cached per device; the CPU copy stays on the CPU)."""
+    key = f"model@{dev}"
+    if key not in bundle._cache:
+        import copy
+
+        base = bundle.model
+        bundle._cache[key] = base if dev.type == "cpu" else copy.deepcopy(base).to(dev).eval()
+    return bundle._cache[key]
+
+
+def _expression_vector(
+    bundle: Any,
+    expression_path: Any,
+    expression_values: Any,
+    sample_id: str | None,
+    slide_like: Any,
+) -> tuple[np.ndarray, str | None, str]:
+    """Normalised expression vector [G] in the bundle's gene order, its sample ID and how
+    the row was chosen."""
+    genes = bundle.genes
+    table = None
+    if expression_path is not None:
+        from .expression import read_expression
+
+        table = read_expression(expression_path)
+    elif hasattr(expression_values, "sample_ids") and hasattr(expression_values, "align_genes"):
+        table = expression_values
+    if table is not None:
+        sid, how = _choose_row(table, sample_id, slide_like)
+        row = int(table.rows_for([sid])[0]) if how != "only row" else 0
+        raw = np.asarray(table.align_genes(genes)[row], dtype=np.float32)
+        sid = table.sample_ids[row]
+    else:
+        raw, sid, how = _vector_from_values(expression_values, genes, sample_id)
+    if not np.all(np.isfinite(raw)):
+        bad = [g for g, v in zip(genes, raw, strict=True) if not np.isfinite(v)]
+        raise ExpressionError(
+            f"expression of sample {sid!r} has missing or non-finite values for "
+            f"{len(bad)} of the model's genes: {', '.join(bad[:10])}"
+            f"{', …' if len(bad) > 10 else ''}."
+        )
+    pp = bundle.preprocessing
+    x = np.asarray(pp.transform(raw[None, :], genes), dtype=np.float32)[0]
+    if x.shape != (len(genes),) or not np.all(np.isfinite(x)):
+        raise ExpressionError(
+            f"expression of sample {sid!r} could not be normalised with the bundle's statistics "
+            "(non-finite result); check the table's scale (raw counts vs log values)."
+        )
+    return x, sid, how
+
+
+def _choose_row(table: Any, sample_id: str | None, slide_like: Any) -> tuple[str, str]:
+    name = str(table.path) if getattr(table, "path", None) is not None else "expression table"
+    if sample_id is not None:
+        table.rows_for([str(sample_id)])  # clear error naming the missing sample
+        return str(sample_id), "given"
+    if len(table.sample_ids) == 1:
+        return table.sample_ids[0], "only row"
+    sid = match_sample(table, slide_like)
+    if sid is not None:
+        return sid, "matched slide name"
+    shown = ", ".join(table.sample_ids[:8])
+    more = f", … ({len(table.sample_ids)} in all)" if len(table.sample_ids) > 8 else ""
+    hint = (
+        f" none matches the slide name {slide_stem(slide_like)!r};"
+        if slide_like is not None
+        else ""
+    )
+    raise ExpressionError(
+        f"{name} has {len(table.sample_ids)} samples and no sample_id was given;{hint} choose one "
+        f"with --sample-id / sample_id= (samples: {shown}{more})."
+    )
+
+
+def _vector_from_values(
+    values: Any, genes: Sequence[str], sample_id: str | None
+) -> tuple[np.ndarray, str | None, str]:
+    if values is None:
+        raise ExpressionError("no expression values given.")
+    if hasattr(values, "index") and hasattr(values, "to_numpy") and not hasattr(values, "columns"):
+        name = getattr(values, "name", None)
+        sample_id = sample_id or (None if name is None else str(name))
+        values = dict(zip((str(i) for i in values.index), values.to_numpy(), strict=True))
+    if isinstance(values, Mapping):
+        from .expression import ExpressionTable
+
+        keys = [str(k) for k in values]
+        tab = ExpressionTable(
+            values=np.asarray([[float(values[k]) for k in values]], dtype=np.float32),
+            sample_ids=[str(sample_id or "sample")],
+            genes=keys,
+        )
+        return np.asarray(tab.align_genes(genes)[0], dtype=np.float32), sample_id, "given"
+    arr = np.asarray(values, dtype=np.float32).ravel()
+    if arr.size != len(genes):
+        raise ExpressionError(
+            f"an expression vector without gene names must have the bundle's {len(genes)} genes "
+            f"in the bundle's order; got {arr.size} values. Pass a table or a gene → value mapping."
+        )
+    return arr, sample_id, "given"
+
+
+def _slide_features(
+    bundle,
+    pred,
+    slide_path,
+    features_path,
+    mpp,
+    dev,
+    prec,
+    timer,
+    progress,
+    should_stop,
+    patch_encoder_weights,
+    batch_size,
+    num_workers,
+) -> np.ndarray:
+    """Fill pred's slide fields and return the [N, D_p] float32 features."""
+    pred.target_mpp = bundle.target_mpp
+    pred.tile_px = bundle.tile_px
+    pred.patch_encoder = bundle.patch_encoder_name
+    want_dim = int(bundle.config_dict.get("patch_dim", bundle.patch_encoder.get("dim", 0)))
+    if features_path is not None:
+        from .features import check_encoder, read_features
+
+        report(progress, 0, 1, "reading features")
+        with timer.stage("read_features"):
+            ff = read_features(features_path)
+            check_encoder(ff, bundle.patch_encoder, target_mpp=bundle.target_mpp)
+        if ff.dim != want_dim:
+            raise FeatureFileError(
+                f"{features_path}: features have dimension {ff.dim}, the bundle's model expects "
+                f"{want_dim} (encoder {bundle.patch_encoder_name!r})."
+            )
+        if ff.coords_level0 is None:
+            raise FeatureFileError(
+                f"{features_path} has no tile coordinates, so no heatmap can be drawn; "
+                "re-extract it with `mirror-train extract` (which stores coords)."
+            )
+        pred.coords_level0 = np.asarray(ff.coords_level0, dtype=np.int64)
+        pred.tile_size_level0 = ff.patch_size_level0
+        pred.slide_mpp = ff.attrs.get("slide_mpp")
+        w, h = ff.attrs.get("slide_width"), ff.attrs.get("slide_height")
+        pred.slide_dimensions = (int(w), int(h)) if w and h else None
+        if slide_path is not None:
+            from .slide import open_slide
+
+            with timer.stage("open_slide"), open_slide(slide_path, mpp=mpp) as slide:
+                pred.slide_mpp = float(slide.mpp)
+                pred.slide_dimensions = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+            _check_coords_fit(pred, features_path, slide_path)
+        if pred.tile_size_level0 is None and pred.slide_mpp and ff.target_mpp:
+            pred.tile_size_level0 = int(round(bundle.tile_px * ff.target_mpp / pred.slide_mpp))
+        report(progress, 1, 1, "reading features")
+        return np.ascontiguousarray(ff.features, dtype=np.float32)
+
+    from .extract import extract_features_in_memory
+
+    check_cancel(should_stop, "prediction")
+    with timer.stage("patch_features"):
+        tissue_threshold = bundle.document["tiling"].get("tissue_threshold")
+        ff = extract_features_in_memory(
+            slide_path,
+            bundle.patch_encoder_name,
+            target_mpp=bundle.target_mpp,
+            tile_px=bundle.tile_px,
+            tissue_threshold=0.25 if tissue_threshold is None else float(tissue_threshold),
+            weights=patch_encoder_weights,
+            mpp=mpp,
+            device=dev,
+            precision=prec,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        from .features import check_encoder
+
+        # the same name could carry other weights (e.g. another UNI checkpoint): compare specs
+        check_encoder(ff, bundle.patch_encoder)
+    pred.coords_level0 = np.asarray(ff.coords_level0, dtype=np.int64)
+    pred.tile_size_level0 = int(ff.patch_size_level0)
+    pred.slide_mpp = float(ff.attrs["slide_mpp"]) if ff.attrs.get("slide_mpp") else None
+    w, h = ff.attrs.get("slide_width"), ff.attrs.get("slide_height")
+    pred.slide_dimensions = (int(w), int(h)) if w and h else None
+    if ff.dim != want_dim:
+        raise FeatureFileError(
+            f"the patch encoder {bundle.patch_encoder_name!r} gave {ff.dim}-d features but the "
+            f"bundle's model expects {want_dim}-d; the bundle is inconsistent."
+        )
+    return np.ascontiguousarray(ff.features, dtype=np.float32)
+
+
+def _check_coords_fit(pred: Prediction, features_path: Any, slide_path: Any) -> None:
+    if pred.slide_dimensions is None or pred.coords_level0 is None or pred.n_tiles == 0:
+        return
+    w, h = pred.slide_dimensions
+    size = pred.tile_size_level0 or 0
+    mx = pred.coords_level0.max(axis=0)
+    # a tile may stick out by less than one tile at the right/bottom edge
+    if mx[0] > w or mx[1] > h or (size and (mx[0] - size > w or mx[1] - size > h)):
+        raise FeatureFileError(
+            f"{features_path}: tile coordinates reach ({int(mx[0])}, {int(mx[1])}) but the slide "
+            f"{slide_path} is only {w} x {h} pixels: the feature file belongs to another slide."
+        )
+
+
+def _apply_heads(bundle: Any, pred: Prediction, modalities: tuple[str, ...]) -> None:
+    pred.modalities = modalities
+    kind = "both" if len(modalities) == 2 else modalities[0]
+    if kind not in bundle.input_kinds:
+        if kind == "both":
+            fallback = next((k for k in ("slide", "rna") if k in bundle.input_kinds), None)
+            if fallback is None:
+                raise ConfigError(f"model bundle {bundle.name} has no prediction heads.")
+            pred.warnings.append(
+                f"the bundle has no heads for slide and expression together; the {fallback} "
+                "heads were used (the other modality's embedding was still computed)."
+            )
+            kind = fallback
+        else:
+            raise ConfigError(
+                f"model bundle {bundle.name} has no heads for {kind} input (it has: "
+                f"{', '.join(bundle.input_kinds)})."
+            )
+    pred.input_kind = kind
+    if kind == "slide":
+        z = pred.slide_embedding[None, :]
+    elif kind == "rna":
+        z = pred.rna_embedding[None, :]
+    else:
+        z = np.concatenate([pred.slide_embedding, pred.rna_embedding])[None, :]
+    z = z.astype(np.float64)
+    probe = bundle.head(kind, "subtype")
+    if probe is not None:
+        p = probe.predict_proba(z)[0]
+        classes = [str(c) for c in np.asarray(probe.classes_).tolist()]
+        by = dict(zip(classes, (float(v) for v in p), strict=True))
+        order = bundle.class_names or classes
+        pred.subtype_probabilities = {c: by[c] for c in order if c in by}
+        pred.predicted_subtype = max(
+            pred.subtype_probabilities, key=pred.subtype_probabilities.__getitem__
+        )
+    cox = bundle.head(kind, "survival")
+    if cox is not None:
+        r = float(np.asarray(cox.predict_risk(z), dtype=np.float64).ravel()[0])
+        pred.risk_score = r
+        cutoff = bundle.risk_cutoff(kind)
+        pred.risk_cutoff = cutoff
+        if cutoff is not None:
+            pred.risk_group = "high" if r > cutoff else "low"
+        ref = bundle.reference(kind) or {}
+        ref_risk = np.asarray(ref.get("risk", []), dtype=np.float64).ravel()
+        ref_risk = ref_risk[np.isfinite(ref_risk)]
+        if ref_risk.size:
+            pred.risk_percentile = float(
+                100.0 * (np.sum(ref_risk < r) + 0.5 * np.sum(ref_risk == r)) / ref_risk.size
+            )
+        pred.reference_km = bundle.reference_km_for(kind)
+    if pred.risk_score is not None and not math.isfinite(pred.risk_score):
+        raise MirrorError(f"the survival head of {bundle.name} gave a non-finite risk score.")

@@ -1,0 +1,20 @@
+"""Shared layers: Nyström attention, PPEG, the RNA transformer block, MLPs."""
+
+from .mlp import Mlp, MlpStack, xavier_init_linears
+from .nystrom import NystromAttention, NystromLayer, NystromResult, moore_penrose_pinv
+from .ppeg import PPEG
+from .transformer import ChunkAttention, ChunkBlock, sinusoidal_positions
+
+__all__ = [
+    "PPEG",
+    "ChunkAttention",
+    "ChunkBlock",
+    "Mlp",
+    "MlpStack",
+    "NystromAttention",
+    "NystromLayer",
+    "NystromResult",
+    "moore_penrose_pinv",
+    "sinusoidal_positions",
+    "xavier_init_linears",
+]

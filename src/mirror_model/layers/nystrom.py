@@ -1,0 +1,294 @@
+"""Nyström self-attention (Xiong et al. 2021) in O(N) memory, with padding masks.
+
+The layer follows the ``nystrom-attention`` package that TransMIL and the MIRROR authors use
+(8 heads, landmarks = segment means of queries/keys, Moore–Penrose iterations, a depthwise
+convolution over the values as extra residual) with these deliberate differences, none of which
+changes the result for an unpadded sequence except where stated:
+
+* **No N×N matrix, ever.** ``softmax(Q K̃ᵀ) · (Ã⁺ · softmax(Q̃ Kᵀ) V)`` is evaluated right to left
+  with :func:`torch.nn.functional.scaled_dot_product_attention` (two fused calls, N×m at most),
+  instead of forming ``softmax(Q K̃ᵀ) Ã⁺`` (N×m·m) first. Same value, fewer FLOPs.
+* **Padding is masked, not zero-filled.** The sequence is padded (conceptually, at the front, as in
+  the reference) to a multiple of the landmark count; padding positions never act as keys and
+  landmarks made only of padding are removed exactly (their rows/columns of the m×m kernel are
+  replaced by the identity, which keeps the pseudo-inverse block-diagonal). A batched call with
+  ``lengths`` therefore gives, per sample, the same result as an unbatched call on the valid prefix.
+  (The reference lets zero padding tokens take part in the softmax.)
+* **Per-matrix scaling of the pseudo-inverse start point** (the reference uses one global maximum
+  over the whole batch, which couples the samples of a batch). The pseudo-inverse is always
+  computed in float32, also under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["NystromAttention", "NystromLayer", "NystromResult", "moore_penrose_pinv"]
+
+
+def _at_least_f32(t: Tensor) -> Tensor:
+    """float32 for bf16/fp16/fp32 input, float64 kept (tests compare in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def moore_penrose_pinv(x: Tensor, iterations: int = 6) -> Tensor:
+    """Iterative Moore–Penrose pseudo-inverse of square matrices ``x [..., m, m]``.
+
+    The cubic iteration of Razavi et al. (2014), as used by Nyströmformer:
+    ``Z ← ¼ Z (13 I − XZ (15 I − XZ (7 I − XZ)))``, started at ``Z₀ = Xᵀ / (‖X‖₁ ‖X‖∞)``
+    computed per matrix. Always runs in at least float32 (bf16 is too coarse for it) and returns
+    float32 (float64 for float64 input).
+    """
+    device_type = x.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        x = _at_least_f32(x)
+        abs_x = x.abs()
+        norm_1 = abs_x.sum(dim=-2).amax(dim=-1)  # max column sum
+        norm_inf = abs_x.sum(dim=-1).amax(dim=-1)  # max row sum
+        z = x.transpose(-1, -2) / (norm_1 * norm_inf)[..., None, None]
+        for _ in range(iterations):
+            xz = x @ z
+            t = _minus_plus_diag(xz, 7.0)  # 7I - XZ
+            t = _minus_plus_diag(xz @ t, 15.0)  # 15I - XZ(7I - XZ)
+            t = _minus_plus_diag(xz @ t, 13.0)  # 13I - XZ(...)
+            z = (z @ t).mul_(0.25)
+    return z
+
+
+def _minus_plus_diag(a: Tensor, c: float) -> Tensor:
+    """``c·I − a`` without materialising the identity (the negation is a fresh tensor)."""
+    out = a.neg()
+    out.diagonal(dim1=-2, dim2=-1).add_(c)
+    return out
+
+
+@dataclass
+class NystromResult:
+    """Output of :class:`NystromAttention`.
+
+    Attributes
+    ----------
+    out
+        ``[B, L, D]`` attention output (values at padding positions are finite but meaningless).
+    cls_attention
+        ``[B, L]`` exact softmax attention of the query at position 0 over the keys selected by
+        ``cls_key_mask``, averaged over heads (zeros elsewhere), or ``None`` when not requested.
+    """
+
+    out: Tensor
+    cls_attention: Tensor | None = None
+
+
+class NystromAttention(nn.Module):
+    """Multi-head Nyström attention over a (possibly padded) token sequence.
+
+    Parameters
+    ----------
+    dim
+        Token width D (divisible by ``heads``).
+    heads
+        Number of heads; head width is ``dim // heads``.
+    landmarks
+        Number m of landmarks (segment means); for sequences shorter than m every landmark is a
+        single token and the approximation becomes exact up to the pseudo-inverse iterations.
+    pinv_iterations
+        Moore–Penrose iterations.
+    conv_kernel
+        Kernel length of the depthwise value convolution along the sequence (0 = off).
+    dropout
+        Dropout on the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        landmarks: int = 256,
+        pinv_iterations: int = 6,
+        conv_kernel: int = 33,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.landmarks = int(landmarks)
+        self.pinv_iterations = int(pinv_iterations)
+        self.scale = self.head_dim**-0.5
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        if conv_kernel:
+            # Conv2d over [B, heads, L, head_dim] with a (k, 1) kernel: a per-head filter along
+            # the sequence, shared across the head's features (same layout as the reference).
+            self.res_conv: nn.Conv2d | None = nn.Conv2d(
+                heads, heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=heads,
+                bias=False,
+            )  # fmt: skip
+        else:
+            self.res_conv = None
+
+    # ------------------------------------------------------------------ landmarks
+    def _landmarks_dense(self, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Segment means for an unpadded batch ``t [B, h, L, d]``; front padding as the reference."""
+        bsz, h, length, d = t.shape
+        m = self.landmarks
+        seg = math.ceil(length / m)
+        pad = m * seg - length
+        # Conceptually pad `pad` zeros at the front; compute the segment sums without copying:
+        # `empty` all-padding segments, then one partial segment, then full segments.
+        empty, partial = divmod(pad, seg)
+        head = (seg - partial) % seg  # valid tokens in the partial segment (0 if none)
+        parts = []
+        if empty:
+            parts.append(t.new_zeros(bsz, h, empty, d))
+        if head:
+            parts.append(t[:, :, :head].sum(dim=2, keepdim=True))
+        n_full = m - empty - (1 if head else 0)
+        parts.append(t[:, :, head:].reshape(bsz, h, n_full, seg, d).sum(dim=3))
+        sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        idx = torch.arange(m, device=t.device)
+        counts = ((idx + 1) * seg - torch.clamp(idx * seg, min=pad)).clamp(min=0)
+        valid = counts > 0
+        means = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
+        if bool(valid.all()):
+            return means, None
+        return means, valid.unsqueeze(0).expand(bsz, m)
+
+    def _landmarks_masked(self, t: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Segment means per sample for ``t [B, h, L, d]`` whose valid tokens are ``[:lengths[b]]``.
+
+        Segment boundaries are those the sample would get alone (front padding to a multiple of
+        m); sums come from a float32 prefix sum so the cost stays O(L).
+        """
+        b, h, _, d = t.shape
+        m = self.landmarks
+        n = lengths.to(torch.long)
+        seg = torch.div(n + m - 1, m, rounding_mode="floor")  # ceil(n / m), >= 1
+        pad = m * seg - n
+        idx = torch.arange(m, device=t.device)
+        start = (idx[None] * seg[:, None] - pad[:, None]).clamp(0)  # [B, m], position in [0, n]
+        start = torch.minimum(start, n[:, None])
+        end = ((idx[None] + 1) * seg[:, None] - pad[:, None]).clamp(0)
+        end = torch.minimum(end, n[:, None])
+        counts = end - start
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            csum = F.pad(_at_least_f32(t).cumsum(dim=2), (0, 0, 1, 0))  # [B, h, L+1, d]
+            gi_end = end[:, None, :, None].expand(b, h, m, d)
+            gi_start = start[:, None, :, None].expand(b, h, m, d)
+            sums = csum.gather(2, gi_end) - csum.gather(2, gi_start)
+            means = sums / counts.clamp(min=1)[:, None, :, None].to(sums.dtype)
+        return means.to(t.dtype), counts > 0
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: Tensor,
+        lengths: Tensor | None = None,
+        cls_key_mask: Tensor | None = None,
+    ) -> NystromResult:
+        """Attend ``x [B, L, D]``.
+
+        Parameters
+        ----------
+        x
+            Token sequence; for sample b the valid tokens are ``x[b, :lengths[b]]``.
+        lengths
+            ``[B]`` number of valid tokens per sample (>= 1), or ``None`` when all are valid.
+        cls_key_mask
+            ``[B, L]`` bool; when given, also return the exact softmax attention row of the query
+            at position 0 over these keys (the row Nyström approximates), averaged over heads.
+        """
+        bsz, length, _ = x.shape
+        h, d = self.heads, self.head_dim
+        if lengths is not None and bool((lengths >= length).all()):
+            lengths = None
+        qkv = self.to_qkv(x).reshape(bsz, length, 3, h, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, h, L, d]
+        # The softmax scale 1/sqrt(d) multiplies every logit (q·k, q̃·k, q̃·k̃ alike) and the
+        # landmarks are linear in q, so it is applied to the logits instead of to q (no copy).
+        scale = self.scale
+
+        if lengths is None:
+            key_valid = None
+            q_l, lm_valid = self._landmarks_dense(q)
+            k_l, _ = self._landmarks_dense(k)
+        else:
+            key_valid = torch.arange(length, device=x.device)[None, :] < lengths[:, None]
+            q_l, lm_valid = self._landmarks_masked(q, lengths)
+            k_l, _ = self._landmarks_masked(k, lengths)
+            if bool(lm_valid.all()):
+                lm_valid = None
+
+        # m x m kernel, its pseudo-inverse in float32; landmarks made of padding only become
+        # identity rows/columns so they drop out exactly (see module docstring).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            sim2 = (_at_least_f32(q_l) * scale) @ _at_least_f32(k_l).transpose(-1, -2)
+            if lm_valid is not None:
+                sim2 = sim2.masked_fill(~lm_valid[:, None, None, :], float("-inf"))
+            kernel = sim2.softmax(dim=-1)
+            if lm_valid is not None:
+                eye = torch.eye(self.landmarks, device=x.device, dtype=kernel.dtype)
+                kernel = torch.where(lm_valid[:, None, :, None], kernel, eye)
+            kernel_pinv = moore_penrose_pinv(kernel, self.pinv_iterations)
+
+        key_mask = None if key_valid is None else key_valid[:, None, None, :]
+        lm_mask = None if lm_valid is None else lm_valid[:, None, None, :]
+        # softmax(Q̃ Kᵀ) V : [B, h, m, d]
+        landmark_values = F.scaled_dot_product_attention(q_l, k, v, attn_mask=key_mask, scale=scale)
+        mixed = kernel_pinv.to(landmark_values.dtype) @ landmark_values
+        # softmax(Q K̃ᵀ) · mixed : [B, h, L, d]
+        out = F.scaled_dot_product_attention(
+            q, k_l.to(q.dtype), mixed.to(q.dtype), attn_mask=lm_mask, scale=scale
+        )
+
+        if self.res_conv is not None:
+            v_in = v if key_valid is None else v * key_valid[:, None, :, None].to(v.dtype)
+            # channels_last is the fastest layout for this depthwise conv on CPU (measured)
+            conv = self.res_conv(v_in.contiguous(memory_format=torch.channels_last))
+            # in place when no gradient is needed (inference): one [B, h, L, d] buffer less
+            out = out + conv if out.requires_grad else out.add_(conv)
+
+        out = out.transpose(1, 2).reshape(bsz, length, h * d)
+        out = self.dropout(self.to_out(out))
+
+        cls_attention = None
+        if cls_key_mask is not None:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = (
+                    (_at_least_f32(q[:, :, :1, :]) * scale) @ _at_least_f32(k).transpose(-1, -2)
+                ).squeeze(2)
+                logits = logits.masked_fill(~cls_key_mask[:, None, :], float("-inf"))
+                cls_attention = logits.softmax(dim=-1).mean(dim=1)
+        return NystromResult(out=out, cls_attention=cls_attention)
+
+
+class NystromLayer(nn.Module):
+    """Pre-norm residual Nyström attention layer, no feed-forward (TransMIL ``TransLayer``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        landmarks: int = 256,
+        pinv_iterations: int = 6,
+        conv_kernel: int = 33,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(dim, heads, landmarks, pinv_iterations, conv_kernel, dropout)
+
+    def forward(
+        self, x: Tensor, lengths: Tensor | None = None, cls_key_mask: Tensor | None = None
+    ) -> NystromResult:
+        """``x + attn(norm(x))``; see :meth:`NystromAttention.forward` for the arguments."""
+        res = self.attn(self.norm(x), lengths=lengths, cls_key_mask=cls_key_mask)
+        return NystromResult(out=x + res.out, cls_attention=res.cls_attention)

@@ -1,0 +1,466 @@
+"""The MIRROR model: two encoders plus alignment, retention and style clustering (design §1.2–§1.7).
+
+:class:`MirrorModel` is built from a :class:`~mirror_model.config.ModelConfig`. Loss terms with
+weight 0 are not computed and their modules are not built, so every parameter of every preset
+receives a gradient (DistributedDataParallel needs no ``find_unused_parameters``).
+
+Retention positional embeddings: the slide retention decoder adds fixed sinusoidal embeddings of
+the token index (CLS = 0, tiles 1..N in compact order). They are defined for any N, unlike the
+authors' learned table of 2049 rows, and carry no spatial meaning (the tiles are in random order,
+as in the authors' setup).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..layers import ChunkBlock, NystromLayer, sinusoidal_positions, xavier_init_linears
+from ..losses import clip_loss, gaussian_kl, retention_loss, symmetric_kl
+from ._common import check_rna, sample_masks, to_input_order
+
+__all__ = [
+    "MirrorModel",
+    "MirrorOutput",
+    "RetentionResult",
+    "RNARetention",
+    "SlideEncoding",
+    "SlideRetention",
+    "StyleClustering",
+    "StyleResult",
+]
+
+
+# ---------------------------------------------------------------------- result objects
+@dataclass
+class SlideEncoding:
+    """Frozen-inference slide result.
+
+    Attributes
+    ----------
+    embedding
+        ``[B, D]`` slide embedding (before the alignment head). A single slide given as
+        ``[N, D_p]`` gives ``B = 1``.
+    attention
+        ``[B, N]`` per-tile attention in input order, non-negative, summing to 1 over the real
+        tiles, 0 at masked tiles.
+    """
+
+    embedding: Tensor
+    attention: Tensor
+
+
+@dataclass
+class RetentionResult:
+    """Prediction of a retention decoder and the realised mask (True = masked position)."""
+
+    pred: Tensor
+    target: Tensor
+    mask: Tensor
+
+
+@dataclass
+class StyleResult:
+    """Style-clustering outputs for one modality.
+
+    Attributes
+    ----------
+    mu, logvar
+        ``[B, latent_dim]`` posterior mean and log-variance of the style latent.
+    scores
+        ``[B, K]`` prototype logits; the posterior is ``softmax(scores)``.
+    """
+
+    mu: Tensor
+    logvar: Tensor
+    scores: Tensor
+
+
+@dataclass
+class MirrorOutput:
+    """Output of :meth:`MirrorModel.forward`.
+
+    Attributes
+    ----------
+    loss
+        Weighted total loss (float32 scalar).
+    losses
+        ``{name: unweighted term}`` for the active terms (``align, ret_slide, ret_rna, style,
+        cluster``).
+    slide_embedding, rna_embedding
+        ``[B, D]`` encoder outputs (before the alignment heads).
+    attention
+        ``[B, N]`` per-tile slide attention (input order; sums to 1 over real tiles).
+    slide_projection, rna_projection
+        ``[B, D]`` alignment-head outputs (None when alignment is off).
+    logit_scale
+        s = min(exp(t), logit_scale_max) (None when alignment is off).
+    slide_retention_mask
+        ``[B, N]`` bool, True at the tiles the slide retention branch masked (input order).
+    rna_retention_mask
+        ``[B, D]`` bool, True at the masked RNA-embedding coordinates.
+    slide_style, rna_style
+        :class:`StyleResult` per modality (None when style clustering is off).
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    slide_embedding: Tensor
+    rna_embedding: Tensor
+    attention: Tensor
+    slide_projection: Tensor | None = None
+    rna_projection: Tensor | None = None
+    logit_scale: Tensor | None = None
+    slide_retention_mask: Tensor | None = None
+    rna_retention_mask: Tensor | None = None
+    slide_style: StyleResult | None = None
+    rna_style: StyleResult | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- retention branches
+class SlideRetention(nn.Module):
+    """Masked latent reconstruction of the slide tokens (design §1.5).
+
+    ``Linear(D→D)`` of [CLS, tiles] → a random ``slide_mask_ratio`` share of the real tile tokens
+    replaced by one learned mask token → + sinusoidal positions → ``slide_decoder_depth`` Nyström
+    layers → LayerNorm → ``Linear(D→D)``. The prediction is compared with the encoder's own tile
+    tokens at the masked positions.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.embed_dim
+        self.ratio = config.slide_mask_ratio
+        self.embed = nn.Linear(d, d)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, d))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.layers = nn.ModuleList(
+            NystromLayer(
+                d,
+                config.slide_heads,
+                config.landmarks,
+                config.pinv_iterations,
+                config.nystrom_conv_kernel,
+                config.slide_dropout,
+            )  # fmt: skip
+            for _ in range(config.slide_decoder_depth)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, d)
+        xavier_init_linears(self)  # as the authors' slide branch
+
+    def forward(
+        self,
+        cls: Tensor,
+        tokens: Tensor,
+        lengths: Tensor,
+        uniform: bool,
+        stop_gradient: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> RetentionResult:
+        """Reconstruct ``tokens [B, Nc, D]`` (compact layout, ``lengths`` real per row).
+
+        ``cls [B, D]`` is the encoder's CLS output (never masked). Returns the prediction
+        ``[B, Nc, D]``, the target (the tokens, detached if ``stop_gradient``) and the mask
+        ``[B, Nc]``.
+        """
+        bsz, n, d = tokens.shape
+        x = self.embed(torch.cat([cls[:, None], tokens], dim=1))
+        mask = sample_masks(lengths, n, self.ratio, generator=generator)
+        tiles = torch.where(mask[..., None], self.mask_token.to(x.dtype), x[:, 1:])
+        x = torch.cat([x[:, :1], tiles], dim=1)
+        x = x + sinusoidal_positions(n + 1, d, device=x.device, dtype=x.dtype)
+        seq_lengths = None if uniform else lengths + 1
+        for layer in self.layers:
+            x = layer(x, lengths=seq_lengths).out
+        pred = self.head(self.norm(x))[:, 1:]
+        target = tokens.detach() if stop_gradient else tokens
+        return RetentionResult(pred=pred, target=target, mask=mask)
+
+
+class RNARetention(nn.Module):
+    """Masked latent reconstruction of the RNA embedding (design §1.5).
+
+    ``Linear(D→D)`` → a random ``rna_mask_ratio`` share of the coordinates replaced by one learned
+    scalar → + learned vector → ``rna_decoder_depth`` transformer blocks → LayerNorm →
+    ``Linear(D→D)``; compared with the embedding at the masked coordinates.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.embed_dim
+        self.ratio = config.rna_mask_ratio
+        self.embed = nn.Linear(d, d)
+        self.mask_value = nn.Parameter(torch.empty(1))
+        nn.init.normal_(self.mask_value, std=0.02)
+        self.pos_embed = nn.Parameter(torch.empty(d))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            ChunkBlock(d, config.rna_heads, config.rna_mlp_ratio, config.rna_dropout)
+            for _ in range(config.rna_decoder_depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, d)
+        # authors' decoder-block init: output projections scaled by 1/sqrt(2 * layer index)
+        with torch.no_grad():
+            for layer_id, block in enumerate(self.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def forward(
+        self,
+        embedding: Tensor,
+        stop_gradient: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> RetentionResult:
+        """Reconstruct ``embedding [B, D]``; returns prediction, target (detached if
+        ``stop_gradient``) and mask ``[B, D]``."""
+        bsz, d = embedding.shape
+        x = self.embed(embedding)
+        lengths = torch.full((bsz,), d, dtype=torch.long, device=x.device)
+        mask = sample_masks(lengths, d, self.ratio, generator=generator)
+        x = torch.where(mask, self.mask_value.to(x.dtype), x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        pred = self.head(self.norm(x))
+        target = embedding.detach() if stop_gradient else embedding
+        return RetentionResult(pred=pred, target=target, mask=mask)
+
+
+# ---------------------------------------------------------------------- style clustering
+class StyleClustering(nn.Module):
+    """Shared stochastic bottleneck + prototypes (design §1.6).
+
+    ``MLP D→512→256 (GELU between)`` → μ, log σ² by ``Linear(256→latent)`` each →
+    z = μ + σ·ε in training, z = μ in eval → ``Linear(latent→D)`` → prototype logits
+    ``y Cᵀ`` with K prototypes C (orthogonal init; :meth:`renormalize_prototypes` makes the rows
+    unit length and is called by the trainer before every optimisation step).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.embed_dim
+        for i, hidden in enumerate(config.style_hidden_dims):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(width, hidden))
+            width = hidden
+        self.mlp = nn.Sequential(*layers)
+        self.mu = nn.Linear(width, config.latent_dim)
+        self.logvar = nn.Linear(width, config.latent_dim)
+        self.decoder = nn.Linear(config.latent_dim, config.embed_dim)
+        self.prototypes = nn.Linear(config.embed_dim, config.n_prototypes, bias=False)
+        nn.init.orthogonal_(self.prototypes.weight)
+
+    def forward(self, embedding: Tensor) -> StyleResult:
+        """Style posterior and prototype logits of ``embedding [B, D]``."""
+        hidden = self.mlp(embedding)
+        mu = self.mu(hidden)
+        logvar = self.logvar(hidden)
+        if self.training:
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        else:
+            z = mu
+        scores = self.prototypes(self.decoder(z))
+        return StyleResult(mu=mu, logvar=logvar, scores=scores)
+
+    @torch.no_grad()
+    def renormalize_prototypes(self) -> None:
+        """Scale every prototype (row of C) to unit L2 norm, in place."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w.float(), dim=1).to(w.dtype))
+
+
+# ---------------------------------------------------------------------- the model
+class MirrorModel(nn.Module):
+    """Slide and RNA encoders with MIRROR's pretraining objectives.
+
+    Parameters
+    ----------
+    config
+        The :class:`ModelConfig` (kept as ``model.config``).
+
+    Notes
+    -----
+    Call ``model.eval()`` before inference: dropout is active in training mode and the style
+    bottleneck samples its latent.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        from . import create_rna_encoder, create_slide_encoder
+
+        self.config = config
+        d = config.embed_dim
+        self.slide_encoder = create_slide_encoder(config)
+        self.rna_encoder = create_rna_encoder(config)
+        if config.weight_align > 0:
+            self.slide_head: nn.Linear | None = nn.Linear(d, d)
+            self.rna_head: nn.Linear | None = nn.Linear(d, d)
+            xavier_init_linears(self.slide_head)  # part of the authors' slide branch
+            self.logit_scale: nn.Parameter | None = nn.Parameter(
+                torch.tensor(float(config.logit_scale_init))
+            )
+        else:
+            self.slide_head = self.rna_head = None
+            self.logit_scale = None
+        self.slide_retention = SlideRetention(config) if config.weight_ret_slide > 0 else None
+        self.rna_retention = RNARetention(config) if config.weight_ret_rna > 0 else None
+        self.style = StyleClustering(config) if config.use_style_module else None
+
+    # ------------------------------------------------------------------ inference
+    def encode_slide(self, features: Tensor, tile_mask: Tensor | None = None) -> SlideEncoding:
+        """Slide embedding and per-tile attention of ``features [B, N, D_p]`` or ``[N, D_p]``.
+
+        Returns :class:`SlideEncoding` with ``embedding [B, D]`` and ``attention [B, N]``
+        (B = 1 for a 2-D input). Works without any expression input.
+        """
+        out = self.slide_encoder(features, tile_mask)
+        return SlideEncoding(embedding=out.embedding, attention=out.attention)
+
+    def encode_rna(self, rna: Tensor) -> Tensor:
+        """RNA embedding ``[B, D]`` of normalised expression ``rna [B, G]`` or ``[G]``."""
+        rna = check_rna(rna, self.config.n_genes, self._param_device())
+        rna = rna.to(self._param_dtype()) if not torch.is_autocast_enabled() else rna
+        return self.rna_encoder(rna)
+
+    def project_slide(self, embedding: Tensor) -> Tensor:
+        """Alignment-space slide vector: the head applied to the L2-normalised embedding."""
+        return self._project(embedding, self.slide_head)
+
+    def project_rna(self, embedding: Tensor) -> Tensor:
+        """Alignment-space RNA vector: the head applied to the L2-normalised embedding."""
+        return self._project(embedding, self.rna_head)
+
+    def current_logit_scale(self) -> Tensor:
+        """s = exp(t) clamped to ``logit_scale_max`` (gradient is 0 above the cap)."""
+        if self.logit_scale is None:
+            raise RuntimeError("this model has no alignment branch (weight_align = 0)")
+        cap = torch.log(torch.tensor(self.config.logit_scale_max, device=self.logit_scale.device))
+        return torch.minimum(self.logit_scale, cap).exp()
+
+    def renormalize_prototypes(self) -> None:
+        """Unit-normalise the style prototypes (no-op without style clustering)."""
+        if self.style is not None:
+            self.style.renormalize_prototypes()
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        features: Tensor,
+        rna: Tensor,
+        tile_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MirrorOutput:
+        """Pretraining forward pass on a paired batch.
+
+        Parameters
+        ----------
+        features
+            ``[B, N, D_p]`` tile features (``[N, D_p]`` for B = 1).
+        rna
+            ``[B, G]`` normalised expression of the same patients, row-aligned with features.
+        tile_mask
+            ``[B, N]`` bool, True = real tile; None = all real.
+        generator
+            Random generator (on the model's device) for the retention masks, e.g. a freshly
+            seeded one for a reproducible validation loss; None uses torch's global RNG.
+        """
+        cfg = self.config
+        if features is None or rna is None:
+            raise ValueError(
+                "MirrorModel.forward needs both modalities (the pairwise losses); use "
+                "encode_slide() or encode_rna() for a single modality."
+            )
+        rna = check_rna(rna, cfg.n_genes, self._param_device())
+        want_tokens = self.slide_retention is not None
+        slide = self.slide_encoder(features, tile_mask, return_tokens=want_tokens)
+        if slide.embedding.shape[0] != rna.shape[0]:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"features hold {slide.embedding.shape[0]} slides but rna holds {rna.shape[0]} "
+                "samples; the batch rows must be paired."
+            )
+        rna_in = rna.to(self._param_dtype()) if not torch.is_autocast_enabled() else rna
+        rna_emb = self.rna_encoder(rna_in)
+        slide_emb = slide.embedding
+        losses: dict[str, Tensor] = {}
+        out = MirrorOutput(
+            loss=slide_emb.new_zeros((), dtype=torch.float32),
+            losses=losses,
+            slide_embedding=slide_emb,
+            rna_embedding=rna_emb,
+            attention=slide.attention,
+        )
+
+        if self.slide_head is not None:
+            out.slide_projection = self.project_slide(slide_emb)
+            out.rna_projection = self.project_rna(rna_emb)
+            out.logit_scale = self.current_logit_scale()
+            losses["align"] = clip_loss(out.slide_projection, out.rna_projection, out.logit_scale)
+
+        if self.slide_retention is not None:
+            assert slide.tokens is not None
+            ret = self.slide_retention(
+                slide_emb, slide.tokens, slide.bag.lengths, slide.bag.uniform,
+                stop_gradient=cfg.retention_stop_gradient,
+                generator=generator,
+            )  # fmt: skip
+            losses["ret_slide"] = retention_loss(ret.pred, ret.target, ret.mask)
+            out.slide_retention_mask = to_input_order(ret.mask, slide.bag, fill=False)
+
+        if self.rna_retention is not None:
+            ret = self.rna_retention(
+                rna_emb, stop_gradient=cfg.retention_stop_gradient, generator=generator
+            )
+            losses["ret_rna"] = retention_loss(ret.pred, ret.target, ret.mask)
+            out.rna_retention_mask = ret.mask
+
+        if self.style is not None:
+            out.slide_style = self.style(slide_emb)
+            out.rna_style = self.style(rna_emb)
+            if cfg.weight_style > 0:
+                losses["style"] = gaussian_kl(
+                    out.slide_style.mu, out.slide_style.logvar
+                ) + gaussian_kl(out.rna_style.mu, out.rna_style.logvar)
+            if cfg.weight_cluster > 0:
+                losses["cluster"] = symmetric_kl(out.slide_style.scores, out.rna_style.scores)
+
+        weights = cfg.loss_weights
+        total = sum((weights[name] * value.float() for name, value in losses.items()), out.loss)
+        out.loss = total
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _project(self, embedding: Tensor, head: nn.Linear | None) -> Tensor:
+        if head is None:
+            raise RuntimeError("this model has no alignment heads (weight_align = 0)")
+        normed = F.normalize(
+            embedding, dim=-1, eps=1e-12 if embedding.dtype == torch.float32 else 1e-6
+        )
+        projected = head(normed)
+        if self.config.align_normalize_after_head:
+            projected = F.normalize(projected, dim=-1)
+        return projected
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _param_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Load weights after remapping renamed keys (:func:`checkpoint_filter_fn`)."""
+        from . import checkpoint_filter_fn
+
+        return super().load_state_dict(
+            checkpoint_filter_fn(state_dict, self), strict=strict, assign=assign
+        )

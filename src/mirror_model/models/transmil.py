@@ -1,0 +1,138 @@
+"""TransMIL slide encoder (design §1.2), as used by MIRROR.
+
+``Linear(D_p→D) + ReLU`` → prepend a learnable CLS token → Nyström layer 1 → PPEG → Nyström
+layer 2 → LayerNorm; the slide embedding is the CLS output.
+
+Layout details (faithful to the authors unless stated):
+
+* Before the CLS token is added, the N tile tokens are padded to the next square S² by repeating
+  the first S²−N tokens, so that PPEG can lay them out row-major on an S×S grid. The repeated
+  tokens stay in the sequence for layer 2, as in the reference.
+* Any padding beyond that (batch padding of slides with fewer tiles, Nyström padding to a
+  multiple of the landmark count) is *masked*: it never acts as a key, so a slide encoded inside a
+  padded batch gets the same embedding and attention as encoded alone (up to float rounding).
+  Each sample gets its own grid size S_b.
+* The tile order matters: PPEG mixes grid neighbours and the Nyström value convolution mixes
+  sequence neighbours, so TransMIL is **not** invariant to the order of the tiles (the authors feed
+  them in random order).
+
+Per-tile attention (the heatmap): the CLS row of the *last* layer's attention, averaged over heads,
+restricted to the real tiles. Nyström attention never forms that row explicitly; it approximates
+``softmax(q_cls · Kᵀ / √d)``. We return that exact row, computed in O(N) from the layer's own
+queries and keys, with the softmax taken over the real tiles only (the CLS key and the square-
+padding duplicates are excluded), so it is non-negative and sums to 1 over the real tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..layers import PPEG, NystromLayer, xavier_init_linears
+from ._common import SlideEncoderOutput, prepare_bag, to_input_order
+
+__all__ = ["TransMILEncoder"]
+
+
+class TransMILEncoder(nn.Module):
+    """TransMIL slide encoder.
+
+    Parameters
+    ----------
+    config
+        Uses ``patch_dim, embed_dim, slide_heads, landmarks, pinv_iterations,
+        nystrom_conv_kernel, ppeg_kernels, slide_dropout``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.embed_dim
+        self.patch_dim = config.patch_dim
+        self.embed_dim = d
+        self.fc = nn.Sequential(nn.Linear(config.patch_dim, d), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.empty(1, 1, d))
+        nn.init.normal_(self.cls_token, std=0.02)
+        layer_kw = dict(
+            dim=d,
+            heads=config.slide_heads,
+            landmarks=config.landmarks,
+            pinv_iterations=config.pinv_iterations,
+            conv_kernel=config.nystrom_conv_kernel,
+            dropout=config.slide_dropout,
+        )
+        self.layer1 = NystromLayer(**layer_kw)
+        self.ppeg = PPEG(d, config.ppeg_kernels)
+        self.layer2 = NystromLayer(**layer_kw)
+        self.norm = nn.LayerNorm(d)
+        xavier_init_linears(self)  # as the authors' slide branch
+
+    def forward(
+        self, features: Tensor, tile_mask: Tensor | None = None, return_tokens: bool = False
+    ) -> SlideEncoderOutput:
+        """Encode ``features [B, N, D_p]`` (or ``[N, D_p]``) with optional ``tile_mask [B, N]``.
+
+        Returns embedding ``[B, D]``, attention ``[B, N]`` (input order) and, if
+        ``return_tokens``, the final per-tile tokens ``[B, Nc, D]`` of the real tiles (compact
+        layout, see :class:`~mirror_model.models._common.Bag`).
+        """
+        bag = prepare_bag(features, tile_mask, self.patch_dim, self.fc[0].weight.device)
+        x = bag.x.to(self.fc[0].weight.dtype) if not torch.is_autocast_enabled() else bag.x
+        h = self.fc(x)  # [B, Nc, D]
+        bsz, n_compact, d = h.shape
+        lens = bag.lengths_list
+        sides = [math.isqrt(n - 1) + 1 for n in lens]  # ceil(sqrt(n))
+        squares = [s * s for s in sides]
+        seq_max = max(squares)
+        device = h.device
+
+        # ---- square padding by repetition (per sample), batch padding after it
+        if bag.uniform and len(set(lens)) == 1:
+            add = squares[0] - lens[0]
+            if add:
+                h = torch.cat([h, h[:, :add]], dim=1)
+        else:
+            j = torch.arange(seq_max, device=device)[None, :]
+            n_t = bag.lengths[:, None]
+            sq_t = torch.tensor(squares, device=device)[:, None]
+            idx = torch.where(j < n_t, j, torch.where(j < sq_t, j - n_t, torch.zeros_like(j)))
+            h = h.gather(1, idx[:, :, None].expand(bsz, seq_max, d))
+
+        h = torch.cat([self.cls_token.expand(bsz, -1, -1).to(h.dtype), h], dim=1)
+        seq_lengths = None
+        if len(set(squares)) > 1:
+            seq_lengths = torch.tensor(squares, device=device) + 1
+
+        h = self.layer1(h, lengths=seq_lengths).out
+
+        # ---- PPEG on each sample's own S x S grid (grouped by grid size)
+        groups: dict[int, list[int]] = {}
+        for b, s in enumerate(sides):
+            groups.setdefault(s, []).append(b)
+        if len(groups) == 1:
+            s = sides[0]
+            # [B, S*S, D] tokens viewed as a channels_last [B, D, S, S] grid: no copy
+            grid = h[:, 1 : 1 + s * s].reshape(bsz, s, s, d).permute(0, 3, 1, 2)
+            mixed = self.ppeg(grid).permute(0, 2, 3, 1).reshape(bsz, s * s, d)
+            h = torch.cat([h[:, :1], mixed, h[:, 1 + s * s :]], dim=1)
+        else:
+            h = h.clone()
+            for s, rows in groups.items():
+                rows_t = torch.tensor(rows, device=device)
+                grid = h[rows_t, 1 : 1 + s * s].reshape(len(rows), s, s, d).permute(0, 3, 1, 2)
+                mixed = self.ppeg(grid).permute(0, 2, 3, 1).reshape(len(rows), s * s, d)
+                h[rows_t, 1 : 1 + s * s] = mixed
+
+        # keys of the heatmap softmax: the real tiles only (positions 1..n_b)
+        pos = torch.arange(h.shape[1], device=device)[None, :]
+        cls_key_mask = (pos >= 1) & (pos <= bag.lengths[:, None])
+        res = self.layer2(h, lengths=seq_lengths, cls_key_mask=cls_key_mask)
+        h = self.norm(res.out)
+
+        embedding = h[:, 0]
+        assert res.cls_attention is not None
+        attention = to_input_order(res.cls_attention[:, 1 : 1 + n_compact], bag)
+        tokens = h[:, 1 : 1 + n_compact] if return_tokens else None
+        return SlideEncoderOutput(embedding=embedding, attention=attention, tokens=tokens, bag=bag)

@@ -1,0 +1,980 @@
+"""The training loop of one fold and the cohort-level :func:`pretrain` entry point.
+
+Per outer fold ``k`` (see :mod:`mirror_model.train.splits`): the fold's test patients are never
+read; gene selection and expression normalisation are fitted on the inner-training patients;
+the model is trained on inner-train and the epoch with the lowest inner-validation loss is
+kept (``best.safetensors``). ``last.ckpt`` holds the full resume state and is rewritten
+atomically at the end of every epoch, every ``checkpoint_every_steps`` steps, and when the run is
+stopped (``should_stop``, Ctrl-C, ``max_steps``). A resumed run continues bit for bit: batches
+are pure functions of ``(seed, epoch, step)`` and all RNG states are restored.
+
+The run folder layout is documented in :mod:`mirror_model.train.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._device import autocast, resolve_device, resolve_precision
+from .._io import atomic_write_text
+from .._progress import ProgressFn, StopFn, report
+from ..errors import Cancelled, ConfigError, ExpressionError, TrainingError
+from .checkpoint import (
+    TrainState,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_json,
+    save_safetensors_state,
+)
+from .config import TrainConfig
+from .data import (
+    BatchLoader,
+    FeatureStore,
+    PatientBags,
+    SlideInfo,
+    find_feature_files,
+)
+from .distributed import (
+    DistContext,
+    all_reduce_mean,
+    average_gradients,
+    broadcast_parameters,
+    init_distributed,
+)
+from .splits import Splits, make_splits, patient_subtypes
+
+__all__ = ["FoldResult", "PretrainResult", "pretrain", "train_fold"]
+
+RUN_FORMAT = "mirror-run"
+RUN_FORMAT_VERSION = 1
+# Training options that may differ between a run and its resumption (they do not change results
+# or only extend the run).
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "device",
+    "num_workers",
+    "max_steps",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "feature_cache",
+    "cache_gb",
+    "fold",
+}
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """Outcome of training one fold."""
+
+    fold: int
+    fold_dir: Path
+    best_epoch: int  # 0-based; -1 if no epoch finished
+    best_val_loss: float
+    epochs_done: int
+    global_step: int
+    completed: bool  # False when stopped early by max_steps
+    n_train: int
+    n_val: int
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """Outcome of :func:`pretrain`."""
+
+    run_dir: Path
+    folds: list[FoldResult]
+    splits: Splits
+    config: TrainConfig
+    completed: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - the legacy global RNG is what user code uses
+    torch.manual_seed(seed)
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0]
+    )
+
+
+def lr_factor(
+    step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float
+) -> float:
+    """Learning-rate multiplier for optimisation step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (from ``1/warmup_steps`` to 1), then constant or a
+    half-cosine from 1 to ``min_lr_ratio`` at ``total_steps``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _StopFlag:
+    """Collects stop requests: ``should_stop()``, Ctrl-C (SIGINT) and ``max_steps``."""
+
+    def __init__(self, should_stop: StopFn | None) -> None:
+        self.should_stop = should_stop
+        self.sigint = False
+        self._old: Any = None
+
+    @contextlib.contextmanager
+    def catch_sigint(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            # first Ctrl-C: finish the current step, checkpoint, stop; second: stop at once
+            self.sigint = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        self._old = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._old)
+
+    def requested(self) -> bool:
+        return self.sigint or (self.should_stop is not None and bool(self.should_stop()))
+
+
+def _git_version() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 4096 else f"<array {obj.shape}>"
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    if isinstance(obj, str):
+        return str(obj)  # also str subclasses such as torch's TorchVersion
+    if isinstance(obj, bool) or obj is None:
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------------- logging
+class _MetricLog:
+    """Append-only JSONL + CSV metric log of one fold (rank 0 only)."""
+
+    def __init__(self, fold_dir: Path, enabled: bool) -> None:
+        self.jsonl = fold_dir / "log.jsonl"
+        self.csv = fold_dir / "log.csv"
+        self.enabled = enabled
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.jsonl.is_file():
+            return []
+        out = []
+        for line in self.jsonl.read_text().splitlines():
+            line = line.strip()
+            if line:
+                with contextlib.suppress(json.JSONDecodeError):  # a torn last line after a crash
+                    out.append(json.loads(line))
+        return out
+
+    def truncate_to_epoch(self, epochs_done: int) -> None:
+        """Keep only rows of epochs < ``epochs_done`` (rows written after the checkpoint are redone)."""
+        if not self.enabled:
+            return
+        kept = [r for r in self.rows() if int(r.get("epoch", -1)) < epochs_done]
+        self._rewrite(kept)
+
+    def append(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rows = self.rows() + [row]
+        with open(self.jsonl, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._write_csv(rows)
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        self._write_csv(rows)
+
+    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
+        # the CSV is regenerated from the JSONL so its columns stay the union of all rows
+        cols: list[str] = []
+        for r in rows:
+            for k in r:
+                if k not in cols:
+                    cols.append(k)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        atomic_write_text(self.csv, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------- one fold
+@dataclass
+class FoldData:
+    """Everything :func:`train_fold` needs besides the configs (built by :func:`pretrain`)."""
+
+    fold: int
+    train: PatientBags
+    val: PatientBags
+    preprocessing: dict[str, Any]
+    encoder_spec: dict[str, Any]
+    splits_entry: dict[str, Any]
+
+
+def _make_model(model_config: Any) -> torch.nn.Module:
+    from ..models import create_model
+
+    return create_model(model_config)
+
+
+def _forward_losses(
+    model: torch.nn.Module,
+    features: torch.Tensor,
+    rna: torch.Tensor,
+    device: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with autocast(device, precision):
+        out = model(features=features, rna=rna)
+    return out.loss.float(), {k: v.float() for k, v in out.losses.items()}
+
+
+def _reduce_terms(
+    loss: torch.Tensor, terms: Mapping[str, torch.Tensor], ctx: DistContext, weight: float
+) -> dict[str, float]:
+    names = ["loss", *terms]
+    vec = torch.stack([loss.detach(), *[t.detach() for t in terms.values()]]).double()
+    vec = all_reduce_mean(vec, ctx, weight)
+    return {n: float(v) for n, v in zip(names, vec.cpu().tolist(), strict=True)}
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    precision: str,
+    ctx: DistContext,
+    seed: int,
+) -> dict[str, float]:
+    """Sample-weighted mean of each loss term over the validation patients (fixed tiles and masks)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    total = 0
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        # fixed randomness (retention masks, style sampling) -> comparable across epochs; the
+        # training RNG stream is untouched so resumed and uninterrupted runs stay identical
+        torch.manual_seed(_derived_seed(seed, 4, ctx.rank))
+        for _, batch in loader.iterate(0):
+            loss, terms = _forward_losses(
+                model, batch.features.to(device), batch.rna.to(device), device, precision
+            )
+            vals = _reduce_terms(loss, terms, ctx, 1.0)
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + v * batch.global_size
+            total += batch.global_size
+    model.train(was_training)
+    return {k: v / max(total, 1) for k, v in sums.items()}
+
+
+def _first_bad(values: Mapping[str, float]) -> str | None:
+    for k, v in values.items():
+        if k != "loss" and not math.isfinite(v):
+            return k
+    return None if math.isfinite(values.get("loss", 0.0)) else "total"
+
+
+def _check_resume_compatible(
+    saved: Mapping[str, Any], tcfg: TrainConfig, model_cfg: Any, path: Path
+) -> None:
+    old = dict(saved.get("training", {}))
+    new = tcfg.to_dict()
+    diffs = [
+        k
+        for k in sorted(set(old) | set(new))
+        if k not in _RESUMABLE_CHANGES and k != "extra" and old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise TrainingError(
+            f"cannot resume from {path}: training option(s) changed since it was written: "
+            + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diffs)
+            + ". Use the original values or start a new run folder."
+        )
+    if saved.get("model") is not None and saved["model"] != model_cfg.to_dict():
+        diff = [
+            k for k in model_cfg.to_dict() if saved["model"].get(k) != model_cfg.to_dict().get(k)
+        ]
+        raise TrainingError(
+            f"cannot resume from {path}: the model configuration changed ({', '.join(diff)})."
+        )
+
+
+def train_fold(
+    model_config: Any,
+    data: FoldData,
+    config: TrainConfig,
+    fold_dir: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    ctx: DistContext | None = None,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    stop_flag: _StopFlag | None = None,
+    progress_bar: bool = False,
+) -> FoldResult:
+    """Train one fold; write ``best.safetensors``, ``model.json``, ``last.ckpt`` and the logs.
+
+    Raises
+    ------
+    Cancelled
+        ``should_stop()`` returned True or Ctrl-C was pressed; ``last.ckpt`` holds the state after
+        the last completed step and ``resume=True`` continues from it.
+    TrainingError
+        Non-finite loss (the message names the step and the term; ``last.ckpt`` is left as it was),
+        or an incompatible checkpoint on resume.
+    """
+    ctx = ctx or DistContext()
+    device = resolve_device(device)
+    fold_dir = Path(fold_dir)
+    if ctx.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    stop = stop_flag or _StopFlag(should_stop)
+    tcfg = config
+    k = data.fold
+    if tcfg.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"batch_size={tcfg.batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({ctx.world_size})."
+        )
+    for name, bags in (("training", data.train), ("inner-validation", data.val)):
+        if len(bags) < ctx.world_size:
+            raise ConfigError(
+                f"fold {k} has {len(bags)} {name} patient(s), fewer than the {ctx.world_size} processes; "
+                "use fewer processes or a larger inner_val_fraction."
+            )
+
+    # -- model, optimiser, schedule (seeded identically on every rank) ---------------------
+    _seed_all(_derived_seed(tcfg.seed, 5, k))
+    model = _make_model(model_config).to(device)
+    broadcast_parameters(model, ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    train_loader = BatchLoader(
+        data.train,
+        tcfg.batch_size,
+        tcfg.tiles_per_slide,
+        _derived_seed(tcfg.seed, 6, k),
+        train=True,
+        multi_slide=tcfg.multi_slide,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=tcfg.num_workers,
+    )
+    val_loader = BatchLoader(
+        data.val,
+        tcfg.batch_size,
+        tcfg.val_tiles,
+        _derived_seed(tcfg.seed, 7, k),
+        train=False,
+        multi_slide=tcfg.multi_slide,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=tcfg.num_workers,
+    )
+    steps_per_epoch = train_loader.steps_per_epoch()
+    total_steps = steps_per_epoch * tcfg.epochs
+    warmup_steps = int(round(tcfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total_steps, warmup_steps, tcfg.schedule, tcfg.min_lr_ratio),
+    )
+    # per-rank stream for the model's own randomness (masks, sampling, dropout)
+    _seed_all(_derived_seed(tcfg.seed, 8, k, ctx.rank))
+
+    state = TrainState()
+    ckpt_path = fold_dir / "last.ckpt"
+    log = _MetricLog(fold_dir, ctx.is_main)
+    if resume and ckpt_path.is_file():
+        payload = load_checkpoint(ckpt_path)
+        _check_resume_compatible(payload["extra"], tcfg, model_config, ckpt_path)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        state = payload["train_state"]
+        restore_rng_state(payload["rng"])
+        if ctx.rank != 0:
+            # Only rank 0's RNG state is stored; the other ranks (whose randomness is limited to
+            # the model's masks/dropout — data sampling is seeded per step) re-derive a stream.
+            # Bitwise resume equality is therefore guaranteed for single-process runs.
+            _seed_all(_derived_seed(tcfg.seed, 9, k, ctx.rank, state.global_step))
+        log.truncate_to_epoch(state.epoch)
+    elif ctx.is_main:
+        log.truncate_to_epoch(0)
+
+    model_json_base = {
+        "format": "mirror-fold-model",
+        "version": RUN_FORMAT_VERSION,
+        "fold": k,
+        "model_config": model_config.to_dict(),
+        "preprocessing": data.preprocessing,
+        "encoder": data.encoder_spec,
+        "training": tcfg.to_dict(),
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+    }
+
+    def save_last() -> None:
+        if not ctx.is_main:
+            return
+        save_checkpoint(
+            ckpt_path,
+            model_state=model.state_dict(),
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            train_state=state,
+            rng_state=capture_rng_state(),
+            extra={
+                "training": tcfg.to_dict(),
+                "model": model_config.to_dict(),
+                "fold": k,
+                "world_size": ctx.world_size,
+            },
+        )
+
+    def save_best(val_loss: float, epoch: int) -> None:
+        if not ctx.is_main:
+            return
+        save_safetensors_state(
+            fold_dir / "best.safetensors",
+            model.state_dict(),
+            metadata={"fold": str(k), "epoch": str(epoch)},
+        )
+        save_json(
+            fold_dir / "model.json",
+            {**model_json_base, "best_epoch": epoch, "best_val_loss": val_loss},
+        )
+
+    bar = None
+    if progress_bar and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total_steps,
+            initial=state.global_step,
+            desc=f"fold {k}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+    model.train()
+    t_start = time.perf_counter() - state.seconds
+
+    def stop_requested() -> bool:
+        flag = stop.requested()
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([1.0 if flag else 0.0], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
+    try:
+        while state.epoch < tcfg.epochs:
+            epoch = state.epoch
+            for step, batch in train_loader.iterate(epoch, state.step_in_epoch):
+                if tcfg.max_steps is not None and state.global_step >= tcfg.max_steps:
+                    state.seconds = time.perf_counter() - t_start
+                    save_last()
+                    return FoldResult(
+                        k,
+                        fold_dir,
+                        state.best_epoch,
+                        state.best_val_loss,
+                        state.epoch,
+                        state.global_step,
+                        False,
+                        len(data.train),
+                        len(data.val),
+                    )
+                if stop_requested():
+                    state.seconds = time.perf_counter() - t_start
+                    save_last()
+                    raise Cancelled(
+                        f"pretraining of fold {k} was stopped at epoch {epoch}, step {step}; the state was "
+                        f"saved to {ckpt_path} — run again with --resume (resume=True) to continue."
+                    )
+                model_core = model
+                if hasattr(model_core, "renormalize_prototypes"):
+                    model_core.renormalize_prototypes()
+                x = batch.features.to(device, non_blocking=True)
+                r = batch.rna.to(device, non_blocking=True)
+                loss, terms = _forward_losses(model, x, r, device, precision)
+                # plain mean over ranks: clip_loss scales each rank's share so that this equals the
+                # single-process loss of the global batch (shards are equal in training)
+                vals = _reduce_terms(loss, terms, ctx, 1.0)
+                bad = _first_bad(vals)
+                if bad is not None:
+                    detail = ", ".join(f"{n}={v:.4g}" for n, v in vals.items())
+                    kept = (
+                        f"the last good checkpoint {ckpt_path} (epoch {state.epoch}, step "
+                        f"{state.step_in_epoch}) was kept"
+                        if ckpt_path.is_file()
+                        else "no checkpoint had been written yet"
+                    )
+                    raise TrainingError(
+                        f"non-finite loss in fold {k} at epoch {epoch}, step {step} (global step "
+                        f"{state.global_step}): term '{bad}' is {vals.get(bad, vals['loss'])} ({detail}); "
+                        f"{kept}. Try a lower --lr, --precision fp32, gradient clipping (--set "
+                        "grad_clip=1.0), or check the expression values for extreme entries."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(params, ctx)
+                if tcfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                state.global_step += 1
+                state.step_in_epoch = step + 1
+                state.epoch_count += 1
+                for n, v in vals.items():
+                    state.epoch_sums[n] = state.epoch_sums.get(n, 0.0) + v
+                if bar is not None and (state.global_step % tcfg.log_every_steps == 0):
+                    bar.set_postfix({n: f"{v:.3f}" for n, v in vals.items()}, refresh=False)
+                    bar.update(tcfg.log_every_steps)
+                report(progress, state.global_step, total_steps, f"pretraining fold {k}")
+                if (
+                    tcfg.checkpoint_every_steps
+                    and state.global_step % tcfg.checkpoint_every_steps == 0
+                ):
+                    state.seconds = time.perf_counter() - t_start
+                    save_last()
+            # -- end of epoch: validation, log, best model, checkpoint ---------------------
+            val = _evaluate(model, val_loader, device, precision, ctx, tcfg.seed)
+            lr_now = float(optimizer.param_groups[0]["lr"])
+            row: dict[str, Any] = {"epoch": epoch, "step": state.global_step}
+            cnt = max(state.epoch_count, 1)
+            for n, v in state.epoch_sums.items():
+                row["train_" + n] = v / cnt
+            for n, v in val.items():
+                row["val_" + n] = v
+            improved = math.isfinite(val["loss"]) and val["loss"] < state.best_val_loss
+            row["lr"] = lr_now
+            state.seconds = time.perf_counter() - t_start
+            row["seconds"] = round(state.seconds, 3)
+            row["best"] = bool(improved)
+            log.append(row)
+            if improved:
+                state.best_val_loss = float(val["loss"])
+                state.best_epoch = epoch
+                save_best(state.best_val_loss, epoch)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            state.epoch_sums = {}
+            state.epoch_count = 0
+            save_last()
+            if bar is not None:
+                bar.set_description(
+                    f"fold {k} epoch {epoch + 1}/{tcfg.epochs} val {val['loss']:.3f}"
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+    ctx.barrier()
+    return FoldResult(
+        k,
+        fold_dir,
+        state.best_epoch,
+        state.best_val_loss,
+        state.epoch,
+        state.global_step,
+        True,
+        len(data.train),
+        len(data.val),
+    )
+
+
+# ---------------------------------------------------------------------------------- cohort level
+def _load_inputs(cohort: Any, expression: Any) -> tuple[Any, Any]:
+    from ..cohort import Cohort, read_cohort
+    from ..expression import read_expression
+
+    coh = cohort if isinstance(cohort, Cohort) else read_cohort(cohort)
+    expr = expression if hasattr(expression, "rows_for") else read_expression(expression)
+    return coh, expr
+
+
+def _path_or_none(obj: Any) -> str | None:
+    if isinstance(obj, (str, os.PathLike)):
+        return str(Path(obj).resolve())
+    p = getattr(obj, "path", None)
+    return str(Path(p).resolve()) if p is not None else None
+
+
+def _fit_preprocessing(
+    expr: Any, train_ids: Sequence[str], labels: Mapping[str, Any] | None, tcfg: TrainConfig
+) -> Any:
+    """Gene selection + normalisation fitted on the inner-training patients only.
+
+    ``gene_selection``: ``none`` keeps every non-constant gene, ``variance`` the ``n_genes``
+    (default 200) most variable ones, ``rfecv`` runs RFECV supervised by the subtype (design
+    §1.8; capped at ``n_genes`` when given). ``curated_genes`` (a gene-list file) are united with
+    the selection.
+    """
+    from ..genes import fit_preprocessing, read_gene_list
+
+    curated = read_gene_list(tcfg.curated_genes) if tcfg.curated_genes else None
+    if tcfg.gene_selection == "none":
+        return fit_preprocessing(expr, list(train_ids), None, curated, select=False)
+    params: dict[str, Any] = {"seed": tcfg.seed}
+    if tcfg.gene_selection == "variance":
+        params["n_top_unsupervised"] = tcfg.n_genes or 200
+        return fit_preprocessing(expr, list(train_ids), None, curated, select=True, **params)
+    if tcfg.n_genes is not None:
+        params["max_genes"] = tcfg.n_genes
+        params["n_top_unsupervised"] = tcfg.n_genes
+    return fit_preprocessing(expr, list(train_ids), labels, curated, select=True, **params)
+
+
+def _encoder_spec(first: SlideInfo) -> dict[str, Any]:
+    """Patch-encoder facts from the first training feature file (name, dim, tile geometry, spec)."""
+    from ..features import read_features
+
+    ff = read_features(first.path, load_features=False)
+    attrs = dict(ff.attrs or {})
+    spec = {
+        "name": ff.encoder or first.encoder,
+        "dim": int(first.dim),
+        "patch_size_level0": ff.patch_size_level0,
+        "target_mpp": ff.target_mpp,
+        "tile_px": attrs.get("tile_px"),
+        "encoder_spec": attrs.get("encoder_spec"),
+        "source_format": attrs.get("source_format"),
+    }
+    return _json_safe(spec)
+
+
+def prepare_fold(
+    coh: Any, expr: Any, features_dir: str | os.PathLike[str], fold: Any, tcfg: TrainConfig
+) -> FoldData:
+    """Read and preprocess the inner-train / inner-val patients of one fold (never its test patients)."""
+    patients_df = coh.patients()
+    slides = {
+        str(p): [str(s) for s in sl]
+        for p, sl in zip(patients_df["patient_id"], patients_df["slide_ids"], strict=True)
+    }
+    subtype = (
+        dict(zip(patients_df["patient_id"].astype(str), patients_df["subtype"], strict=True))
+        if "subtype" in patients_df
+        else {}
+    )
+    needed = [s for p in [*fold.train, *fold.val] for s in slides[p]]
+    paths = find_feature_files(features_dir, needed)
+    store = FeatureStore(
+        paths,
+        mode=tcfg.feature_cache,
+        cache_dtype=torch.bfloat16 if tcfg.cache_dtype == "bfloat16" else torch.float32,
+        cache_bytes=int(tcfg.cache_gb * 2**30) if tcfg.feature_cache == "lazy" else None,
+    )
+    first = store.check_consistent(needed)
+    labels = None
+    if subtype and any(subtype.get(p) is not None for p in fold.train):
+        labels = {p: subtype.get(p) for p in fold.train}
+    prep = _fit_preprocessing(expr, fold.train, labels, tcfg)
+    x_train = np.asarray(prep.transform(expr, patient_ids=list(fold.train)), dtype=np.float32)
+    x_val = np.asarray(prep.transform(expr, patient_ids=list(fold.val)), dtype=np.float32)
+    for name, x, ids in (("training", x_train, fold.train), ("validation", x_val, fold.val)):
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            who = [ids[i] for i in np.flatnonzero(bad)[:10]]
+            raise ExpressionError(
+                f"expression values of {int(bad.sum())} {name} patient(s) are not finite after "
+                f"preprocessing (e.g. {', '.join(who)}); check the table {getattr(expr, 'path', '')} "
+                "for empty or non-numeric cells."
+            )
+    train = PatientBags(fold.train, slides, x_train, store)
+    val = PatientBags(fold.val, slides, x_val, store)
+    return FoldData(
+        fold.fold, train, val, _json_safe(prep.to_dict()), _encoder_spec(first), fold.to_dict()
+    )
+
+
+def _resolve_model_config(
+    preset: str | Any, patch_dim: int, n_genes: int, overrides: Mapping[str, Any] | None
+) -> Any:
+    from ..config import ModelConfig, get_preset
+
+    base = preset if isinstance(preset, ModelConfig) else get_preset(str(preset))
+    return base.replace(
+        **{**dict(overrides or {}), "patch_dim": int(patch_dim), "n_genes": int(n_genes)}
+    )
+
+
+def pretrain(
+    cohort: Any,
+    expression: Any,
+    features_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    preset: str | Any = "mirror",
+    config: TrainConfig | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    progress_bar: bool = False,
+) -> PretrainResult:
+    """Pretrain one model per outer fold and write the run folder (see :mod:`.run`).
+
+    Parameters
+    ----------
+    cohort, expression
+        Paths (CSV) or already-read ``Cohort`` / ``ExpressionTable`` objects.
+    features_dir
+        Folder of ``<slide_id>.h5`` feature files.
+    out_dir
+        Run folder; created. Refuses to overwrite an existing run unless ``resume``.
+    preset
+        Model preset name (``mirror``, ``tangle``, ...) or a ``ModelConfig``; ``patch_dim`` and
+        ``n_genes`` are set from the data.
+    config
+        Training options (defaults: the authors' configuration).
+    model_overrides
+        ``ModelConfig`` fields to change (e.g. ``{"embed_dim": 256}``).
+    resume
+        Continue an interrupted run in ``out_dir`` (same options) — finished folds are skipped,
+        an interrupted fold continues from its ``last.ckpt``.
+    progress, should_stop
+        Progress callback ``(done_steps, total_steps, stage)`` and cancellation poll.
+    progress_bar
+        Draw a tqdm bar with the loss terms (rank 0; the CLI turns it on).
+
+    Returns
+    -------
+    PretrainResult
+    """
+    tcfg = config or TrainConfig()
+    out = Path(out_dir)
+    device = resolve_device(tcfg.device)
+    if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None and device.index is None:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    precision = resolve_precision(tcfg.precision, device)
+    ctx = init_distributed(device.type)
+    try:
+        return _pretrain(
+            cohort,
+            expression,
+            features_dir,
+            out,
+            preset,
+            tcfg,
+            model_overrides,
+            resume,
+            progress,
+            should_stop,
+            progress_bar,
+            device,
+            precision,
+            ctx,
+        )
+    finally:
+        ctx.shutdown()
+
+
+def _pretrain(
+    cohort: Any,
+    expression: Any,
+    features_dir: Any,
+    out: Path,
+    preset: Any,
+    tcfg: TrainConfig,
+    model_overrides: Mapping[str, Any] | None,
+    resume: bool,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+    progress_bar: bool,
+    device: torch.device,
+    precision: str,
+    ctx: DistContext,
+) -> PretrainResult:
+    from .. import __version__
+    from .run import CONFIG_FILE, SPLITS_FILE, fold_dirname
+
+    coh, expr = _load_inputs(cohort, expression)
+    patients = [str(p) for p in coh.patient_ids]
+    # every cohort patient needs an expression profile (clear error listing the missing ones)
+    expr.rows_for(patients)
+    splits_path = out / SPLITS_FILE
+    config_path = out / CONFIG_FILE
+    # Training one more fold (--fold i) into an existing run folder is allowed as long as that
+    # fold has not been started; anything else needs --resume or a new folder.
+    attach = (
+        not resume
+        and tcfg.fold is not None
+        and splits_path.is_file()
+        and not (out / fold_dirname(tcfg.fold)).exists()
+    )
+    if not resume and not attach and (config_path.exists() or splits_path.exists()):
+        raise ConfigError(
+            f"{out} already holds a run; use --resume to continue it or choose another --out folder."
+        )
+    if (resume or attach) and splits_path.is_file():
+        splits = Splits.load(splits_path)
+        known = {p for f in splits.folds for p in (*f.train, *f.val, *f.test)}
+        if known != set(patients) or splits.seed != tcfg.seed or splits.n_folds != tcfg.folds:
+            raise TrainingError(
+                f"cannot resume {out}: its splits.json was made for other patients, seed or number of "
+                "folds; start a new run folder."
+            )
+    else:
+        splits = make_splits(
+            patients, patient_subtypes(coh.table), tcfg.folds, tcfg.inner_val_fraction, tcfg.seed
+        )
+    folds = [splits.fold(tcfg.fold)] if tcfg.fold is not None else list(splits.folds)
+    # every rank has now checked the folder as it was; only then does rank 0 write into it
+    ctx.barrier()
+
+    model_overrides = dict(model_overrides or {})
+    from ..config import ModelConfig, get_preset
+
+    preset_name = preset.name if isinstance(preset, ModelConfig) else str(preset)
+    base_model = preset if isinstance(preset, ModelConfig) else get_preset(preset_name)
+    if tcfg.stop_gradient is not None:
+        model_overrides.setdefault("retention_stop_gradient", bool(tcfg.stop_gradient))
+    base_model = base_model.replace(**model_overrides) if model_overrides else base_model
+    resolved = {
+        "format": RUN_FORMAT,
+        "version": RUN_FORMAT_VERSION,
+        "preset": preset_name,
+        "model": base_model.to_dict(),
+        "model_overrides": _json_safe(model_overrides),
+        "training": tcfg.to_dict(),
+        "data": {
+            "cohort": _path_or_none(cohort),
+            "expression": _path_or_none(expression),
+            "features_dir": str(Path(features_dir).resolve()),
+        },
+        "seed": tcfg.seed,
+        "world_size": ctx.world_size,
+        "precision": precision,
+        "package": {"mirror_model": __version__, "git": _git_version(), "torch": torch.__version__},
+    }
+    resolved = _json_safe(resolved)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if (resume or attach) and config_path.is_file():
+            import yaml
+
+            old = yaml.safe_load(config_path.read_text()) or {}
+            if old.get("preset") != preset_name or old.get("model") != resolved["model"]:
+                raise TrainingError(
+                    f"cannot resume {out}: the model preset/overrides differ from its config.yaml "
+                    f"(was {old.get('preset')!r}); use the original options."
+                )
+        splits.save(splits_path)
+        import yaml
+
+        atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    ctx.barrier()
+
+    stop = _StopFlag(should_stop)
+    results: list[FoldResult] = []
+    for fold in folds:
+        fdir = out / fold_dirname(fold.fold)
+        if resume and (fdir / "last.ckpt").is_file():
+            done = load_checkpoint(fdir / "last.ckpt")["train_state"]
+            if done.epoch >= tcfg.epochs and (fdir / "model.json").is_file():
+                results.append(
+                    FoldResult(
+                        fold.fold,
+                        fdir,
+                        done.best_epoch,
+                        done.best_val_loss,
+                        done.epoch,
+                        done.global_step,
+                        True,
+                        len(fold.train),
+                        len(fold.val),
+                    )
+                )
+                continue
+        data = prepare_fold(coh, expr, features_dir, fold, tcfg)
+        mcfg = _resolve_model_config(
+            base_model, data.encoder_spec["dim"], data.train.rna.shape[1], None
+        )
+        with stop.catch_sigint():  # Ctrl-C: finish the step, checkpoint, stop
+            res = train_fold(
+                mcfg,
+                data,
+                tcfg,
+                fdir,
+                device=device,
+                precision=precision,
+                ctx=ctx,
+                resume=resume,
+                progress=progress,
+                should_stop=should_stop,
+                stop_flag=stop,
+                progress_bar=progress_bar,
+            )
+        results.append(res)
+        if not res.completed:
+            return PretrainResult(out, results, splits, tcfg, completed=False)
+    return PretrainResult(out, results, splits, tcfg, completed=True)

@@ -1,0 +1,1 @@
+"""Qt widgets of the plugin (imported only when napari opens the widget)."""

@@ -1,0 +1,221 @@
+"""Shared layers: Nyström attention (vs exact softmax attention), masking, PPEG, RNA block."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mirror_model.layers import (
+    PPEG,
+    ChunkAttention,
+    NystromAttention,
+    moore_penrose_pinv,
+    sinusoidal_positions,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _exact_attention(layer: NystromAttention, x: torch.Tensor) -> torch.Tensor:
+    """Reference: full softmax attention with the layer's own weights (+ its value conv)."""
+    b, n, _ = x.shape
+    h, d = layer.heads, layer.head_dim
+    q, k, v = layer.to_qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    attn = torch.softmax(q @ k.transpose(-1, -2) * layer.scale, dim=-1)
+    out = attn @ v
+    if layer.res_conv is not None:
+        out = out + layer.res_conv(v)
+    return layer.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+def test_pinv_converges_to_the_inverse():
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(3 * torch.randn(2, 6, 6, generator=g, dtype=torch.float64), dim=-1)
+    a = a + torch.eye(6, dtype=torch.float64)  # well conditioned
+    z = moore_penrose_pinv(a, iterations=30)
+    assert torch.allclose(z, torch.linalg.inv(a), atol=1e-10)
+    assert moore_penrose_pinv(a.float(), 6).dtype == torch.float32
+    assert moore_penrose_pinv(a.bfloat16(), 6).dtype == torch.float32  # always >= fp32
+
+
+def test_nystrom_equals_softmax_attention_when_every_landmark_is_one_token():
+    torch.manual_seed(0)
+    n, dim = 12, 16
+    layer = NystromAttention(dim, heads=2, landmarks=n, pinv_iterations=40, conv_kernel=5).double()
+    x = torch.randn(1, n, dim, dtype=torch.float64)
+    with torch.no_grad():
+        layer.to_qkv.weight.mul_(3.0)  # peaked attention: a well-conditioned kernel
+        got = layer(x).out
+        ref = _exact_attention(layer, x)
+    assert torch.allclose(got, ref, atol=1e-6), (got - ref).abs().max()
+
+
+def test_nystrom_is_close_to_exact_with_few_landmarks_on_smooth_inputs():
+    # with fewer landmarks it is an approximation: check it is a reasonable one
+    torch.manual_seed(1)
+    n, dim = 64, 16
+    layer = NystromAttention(dim, heads=2, landmarks=16, pinv_iterations=6, conv_kernel=0).double()
+    base = torch.randn(1, 16, dim, dtype=torch.float64)
+    x = base.repeat_interleave(4, dim=1) + 0.01 * torch.randn(1, n, dim, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x).out
+        ref = _exact_attention(layer, x)
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_cls_attention_is_the_exact_softmax_row():
+    torch.manual_seed(2)
+    layer = NystromAttention(16, heads=4, landmarks=3, conv_kernel=3).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    keys = torch.zeros(2, 10, dtype=torch.bool)
+    keys[:, 1:8] = True
+    with torch.no_grad():
+        res = layer(x, cls_key_mask=keys)
+        q, k, _ = layer.to_qkv(x).reshape(2, 10, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)[:, :, :, 1:8]).squeeze(2) * layer.scale
+    ref = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, 7]
+    att = res.cls_attention
+    assert att is not None
+    assert torch.allclose(att[:, 1:8], ref, atol=1e-12)
+    assert (att[:, 0] == 0).all() and (att[:, 8:] == 0).all()
+    assert torch.allclose(att.sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("landmarks", [3, 4, 7, 32])
+def test_padding_is_masked_exactly(landmarks):
+    """A sample inside a padded batch gives the same output as alone (valid positions)."""
+    torch.manual_seed(3)
+    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=5).double().eval()
+    lengths = [13, 5, 1, 20]
+    xs = [torch.randn(1, n, 8, dtype=torch.float64) for n in lengths]
+    batch = torch.randn(4, 20, 8, dtype=torch.float64) * 50  # garbage padding
+    for i, x in enumerate(xs):
+        batch[i, : lengths[i]] = x[0]
+    with torch.no_grad():
+        out = layer(batch, lengths=torch.tensor(lengths)).out
+        for i, x in enumerate(xs):
+            alone = layer(x).out
+            assert torch.allclose(out[i, : lengths[i]], alone[0], atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("length", "landmarks"), [(1, 4), (7, 4), (8, 4), (9, 4), (50, 7), (3, 16)]
+)
+def test_dense_and_masked_landmarks_agree(length, landmarks):
+    layer = NystromAttention(8, heads=2, landmarks=landmarks)
+    t = torch.randn(2, 2, length, 4, dtype=torch.float64)
+    dense, dense_valid = layer._landmarks_dense(t)
+    masked, masked_valid = layer._landmarks_masked(t, torch.tensor([length, length]))
+    assert torch.allclose(dense, masked, atol=1e-12)
+    expected_valid = (
+        torch.ones(2, landmarks, dtype=torch.bool) if dense_valid is None else dense_valid
+    )
+    assert torch.equal(masked_valid, expected_valid)
+    # each valid landmark is the mean of a contiguous segment; all tokens are covered once
+    seg = -(-length // landmarks)
+    counts = torch.zeros(landmarks)
+    pad = landmarks * seg - length
+    for j in range(length):
+        counts[(j + pad) // seg] += 1
+    sums = masked * counts.clamp(min=1)[None, None, :, None].double()
+    assert torch.allclose(sums.sum(dim=2), t.sum(dim=2), atol=1e-10)
+
+
+def test_nystrom_runs_under_bf16_autocast():
+    layer = NystromAttention(16, heads=2, landmarks=4)
+    x = torch.randn(2, 30, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(
+            x, lengths=torch.tensor([30, 11]), cls_key_mask=torch.ones(2, 30, dtype=torch.bool)
+        )
+    ref = layer(x, lengths=torch.tensor([30, 11])).out
+    assert torch.isfinite(out.out.float()).all()
+    assert torch.allclose(out.out.float(), ref, atol=0.1)
+    assert out.cls_attention is not None and out.cls_attention.dtype == torch.float32
+
+
+def test_no_quadratic_memory_at_50k_tokens():
+    """50,000 tokens: an N x N float32 matrix alone would need 10 GB; we stay under 400 MB."""
+    code = textwrap.dedent(
+        """
+        import resource, torch
+        torch.set_num_threads(1)
+        from mirror_model.models import create_model
+        m = create_model("mirror", patch_dim=16, n_genes=10, embed_dim=16, slide_heads=2,
+                         slide_landmarks=8, n_prototypes=4).eval()
+        x = torch.randn(50_000, 16)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.inference_mode():
+            enc = m.encode_slide(x)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert enc.attention.shape == (1, 50_000)
+        print((after - before) / 1024.0)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    extra_mb = float(res.stdout.strip().splitlines()[-1])
+    assert extra_mb < 400, f"peak memory grew by {extra_mb:.0f} MB"
+
+
+def test_ppeg_single_fused_convolution_equals_sum_of_convolutions():
+    torch.manual_seed(4)
+    ppeg = PPEG(6, (7, 5, 3)).double()
+    grid = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    ref = grid + sum(conv(grid) for conv in ppeg.convs)
+    assert torch.allclose(ppeg(grid), ref, atol=1e-12)
+    # channels_last views (how TransMIL calls it) give the same numbers
+    cl = grid.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert torch.allclose(ppeg(cl), ref, atol=1e-12)
+
+
+def test_chunk_attention_attends_across_feature_chunks():
+    """The MIRROR RNA 'attention' is a heads x heads attention among feature chunks."""
+    torch.manual_seed(5)
+    heads, dim = 3, 12
+    att = ChunkAttention(dim, heads=heads).double()
+    x = torch.randn(2, dim, dtype=torch.float64)
+    qkv = att.qkv(x).reshape(2, 3, heads, dim // heads)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B, chunks, chunk width]
+    w = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)  # [B, 3, 3]
+    mixed = (w @ v).transpose(1, 2).reshape(2, dim)  # authors' interleaved layout
+    assert torch.allclose(att(x), att.proj(mixed), atol=1e-12)
+
+
+def test_sinusoidal_positions():
+    table = sinusoidal_positions(5, 6)
+    assert table.shape == (5, 6)
+    assert torch.allclose(table[0], torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))
+    assert table[3, 0].item() == pytest.approx(torch.sin(torch.tensor(3.0)).item())
+    assert table[3, 3].item() == pytest.approx(
+        torch.cos(torch.tensor(3.0 / 10000 ** (2 / 6))).item()
+    )
+    assert sinusoidal_positions(100_001, 4).shape == (100_001, 4)  # any length
+
+
+def test_value_conv_sees_zeros_beyond_the_sequence():
+    # the conv residual of a 1-token sequence is w_center * v (zero padding on both sides)
+    layer = NystromAttention(4, heads=1, landmarks=2, conv_kernel=3, dropout=0.0).double()
+    x = torch.randn(1, 1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        _, _, v = layer.to_qkv(x).chunk(3, dim=-1)
+        expected_conv = layer.res_conv.weight[0, 0, 1, 0] * v
+        out_with = layer(x).out
+        layer.res_conv.weight.zero_()
+        out_without = layer(x).out
+    assert torch.allclose(
+        out_with - out_without, F.linear(expected_conv, layer.to_out.weight), atol=1e-12
+    )

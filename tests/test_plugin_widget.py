@@ -1,0 +1,474 @@
+"""The MIRROR widget in a real napari viewer (Xvfb): full runs on the demo sample, the heatmap's
+alignment with the slide, the panel's numbers, exports, errors and cancellation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _plugin_helpers import (
+    NotificationRecorder,
+    camera_of,
+    make_random_bundle,
+    wait_for_run,
+    write_blank_tiff,
+    write_pyramidal_tiff,
+)
+
+from napari_mirror._layers import METADATA_KEY
+from napari_mirror._run import clear_bundle_cache
+
+pytestmark = pytest.mark.gui
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mirror-cache")
+
+
+@pytest.fixture(autouse=True)
+def _sample_cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("NAPARI_MIRROR_CACHE", str(cache_dir))
+    yield
+    clear_bundle_cache()
+
+
+@pytest.fixture(scope="module")
+def demo_case(cache_dir):
+    from napari_mirror._sample_data import demo_case
+
+    return demo_case(cache_dir)
+
+
+@dataclass(frozen=True)
+class BundleUnderTest:
+    path: Path | None  # None: the embedded demo bundle (the widget's default)
+    has_rna: bool
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, demo_case):
+    """The embedded demo bundle when it has been built; until then a small random-weight
+    bundle made with the package's save API (slide heads, plus RNA heads when the gene module
+    is there)."""
+    from mirror_model.bundle import default_bundle_path, load_bundle
+
+    path = default_bundle_path()
+    if path.exists():
+        return BundleUnderTest(None, load_bundle(path).has_rna_encoder)
+    genes = None
+    try:
+        import mirror_model.genes  # noqa: F401
+        from mirror_model.expression import read_expression
+
+        genes = read_expression(demo_case.expression_path).genes
+    except ImportError:
+        pass
+    made = make_random_bundle(tmp_path_factory.mktemp("bundle") / "random.mirror", genes)
+    return BundleUnderTest(made, load_bundle(made).has_rna_encoder)
+
+
+@pytest.fixture(scope="module")
+def demo_features(tmp_path_factory, bundle, demo_case):
+    """Precomputed features (.h5) of the demo slide for the bundle under test: runs that use
+    them skip tile encoding, and they exercise the widget's feature-file input."""
+    from mirror_model.bundle import default_bundle_path, load_bundle
+    from mirror_model.extract import extract_slide
+
+    b = load_bundle(bundle.path or default_bundle_path())
+    out = tmp_path_factory.mktemp("features") / "demo.h5"
+    extract_slide(
+        demo_case.slide_path,
+        b.patch_encoder_name,
+        out,
+        target_mpp=b.target_mpp,
+        tile_px=b.tile_px,
+        tissue_threshold=float(b.document["tiling"].get("tissue_threshold", 0.25)),
+        device="cpu",
+        num_workers=1,
+    )
+    return out
+
+
+def _viewer_with_sample(make_napari_viewer, bundle=None, show=False):
+    viewer = make_napari_viewer(show=show)
+    layers = viewer.open_sample("napari-mirror", "demo_slide")
+    from napari_mirror._widget import MirrorWidget
+
+    widget = MirrorWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MIRROR")
+    widget.set_device("cpu")
+    if bundle is not None:
+        widget.set_bundle_file(bundle.path)
+        if not bundle.has_rna:
+            widget.set_expression_file(None)  # a slide-only bundle cannot take the expression row
+    return viewer, widget, layers[0]
+
+
+# ----------------------------------------------------------------------------------- manifest
+def test_manifest_found_through_entry_point():
+    from npe2 import PluginManager
+
+    pm = PluginManager()
+    pm.discover(include_npe1=False)
+    mf = pm.get_manifest("napari-mirror")
+    assert mf.display_name == "MIRROR"
+    (reader,) = mf.contributions.readers
+    assert {"*.svs", "*.ndpi", "*.tif", "*.tiff", "*.mrxs", "*.scn", "*.bif", "*.ome.tif"} <= set(
+        reader.filename_patterns
+    )
+    assert [s.key for s in mf.contributions.sample_data] == ["demo_slide"]
+    assert [w.display_name for w in mf.contributions.widgets] == ["MIRROR"]
+    mf.validate_imports()  # every python_name in napari.yaml imports
+
+
+def test_widget_opens_from_plugin_menu(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-mirror", "MIRROR")
+    assert type(widget).__name__ == "MirrorWidget"
+    assert widget.slide_combo.currentText() == "(no slide: expression only)"
+
+
+# ----------------------------------------------------------------------------------- sample data
+def test_sample_data_carries_expression_and_fills_the_widget(make_napari_viewer, demo_case):
+    viewer, widget, layer = _viewer_with_sample(make_napari_viewer)
+    meta = layer.metadata[METADATA_KEY]
+    assert meta["kind"] == "slide" and meta["sample_id"] == demo_case.sample_id
+    assert meta["expression_path"] == str(demo_case.expression_path.resolve())
+    assert widget.slide_combo.currentText() == layer.name
+    assert widget.expression_edit.text() == meta["expression_path"]
+    assert widget.sample_combo.currentText() == demo_case.sample_id
+    req = widget.current_request()
+    assert req.slide_path == meta["slide_path"] and req.sample_id == demo_case.sample_id
+
+
+# ----------------------------------------------------------------------------------- full run
+@pytest.mark.slow
+def test_full_run_heatmap_panel_exports_and_screenshot(
+    make_napari_viewer, qtbot, bundle, demo_case, tmp_path
+):
+    import time
+
+    from mirror_model.inference import predict
+
+    viewer, widget, slide = _viewer_with_sample(make_napari_viewer, bundle, show=True)
+    widget.topk_spin.setValue(5)
+
+    t0 = time.perf_counter()
+    with NotificationRecorder() as rec:
+        widget.run()
+        assert widget.is_running
+        wait_for_run(qtbot, widget)
+    seconds = time.perf_counter() - t0
+    print(f"\n[napari-mirror] Run -> heatmap on the demo sample (CPU): {seconds:.2f} s")
+    assert rec.errors() == [], rec.errors()
+    assert widget.last_error is None
+    res = widget.last_result
+    pred = res.prediction
+    assert set(pred.modalities) == ({"slide", "rna"} if bundle.has_rna else {"slide"})
+
+    # The API's own prediction for the same inputs is what the widget shows.
+    ref = predict(
+        res.bundle,
+        slide_path=demo_case.slide_path,
+        expression_path=demo_case.expression_path if bundle.has_rna else None,
+        sample_id=demo_case.sample_id if bundle.has_rna else None,
+        device="cpu",
+    )
+    np.testing.assert_allclose(pred.attention, ref.attention, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(pred.coords_level0, ref.coords_level0)
+    assert pred.risk_score == pytest.approx(ref.risk_score, rel=1e-4, abs=1e-6)
+    shown = widget.results.shown
+    from napari_mirror._qt._results import format_number, ordinal
+
+    assert shown["risk_score"] == format_number(ref.risk_score, 4)
+    assert shown["risk_percentile"] == ordinal(ref.risk_percentile)
+    assert shown["risk_group"] == str(ref.risk_group)
+    assert shown["predicted_subtype"] == str(ref.predicted_subtype)
+    for name, p in ref.subtype_probabilities.items():
+        assert shown[f"p[{name}]"] == f"{100 * p:.1f}%"
+    assert (
+        "Slide + expression" if bundle.has_rna else "Slide only"
+    ) in widget.results.summary_text()
+    assert shown["km_groups"]  # the reference cohort's curves were drawn
+
+    # Heatmap layer: one cell per tile, aligned with the slide's level-0 pixels (µm).
+    heat = widget.heatmap_layer
+    assert heat is not None and heat in viewer.layers
+    mpp = slide.scale[0]
+    coords, size = np.asarray(pred.coords_level0), int(pred.tile_size_level0)
+    x0, y0 = coords.min(0)
+    assert heat.data.shape == (
+        (coords[:, 1].max() - y0) // size + 1,
+        (coords[:, 0].max() - x0) // size + 1,
+    )
+    np.testing.assert_allclose(heat.scale, [size * mpp] * 2)
+    np.testing.assert_allclose(
+        heat.translate, [(y0 + (size - 1) / 2) * mpp, (x0 + (size - 1) / 2) * mpp]
+    )
+    rows, cols = (coords[:, 1] - y0) // size, (coords[:, 0] - x0) // size
+    np.testing.assert_allclose(heat.data[rows, cols], pred.attention, rtol=1e-5)
+    assert np.isnan(heat.data).sum() == heat.data.size - len(
+        coords
+    )  # no tissue -> NaN (transparent)
+    lo, hi = heat.contrast_limits
+    np.testing.assert_allclose([lo, hi], np.percentile(pred.attention, [1, 99]), rtol=1e-5)
+    for x, y in coords[:3]:
+        r, c = (y - y0) // size, (x - x0) // size
+        np.testing.assert_allclose(
+            heat.data_to_world((r - 0.5, c - 0.5)), slide.data_to_world((y - 0.5, x - 0.5))
+        )
+    tops = widget.top_tiles_layer
+    assert tops is not None and len(tops.data) == 5 and widget.top_list.count() == 5
+
+    # Clicking a listed tile centres the view on it.
+    widget.top_list.setCurrentRow(0)
+    first = widget._top[0]
+    np.testing.assert_allclose(camera_of(viewer).center[-2:], first.centre_world_um)
+
+    # Screenshot: the overlay changes the pixels over tissue tiles and nowhere else (compared
+    # with the same view, same layout, heatmap hidden).
+    viewer.reset_view()
+    tops.visible = False
+    heat.visible = False
+    qtbot.wait(200)
+    before = viewer.screenshot(canvas_only=True, flash=False)
+    heat.visible = True
+    qtbot.wait(200)
+    after = viewer.screenshot(canvas_only=True, flash=False)
+    assert after.shape == before.shape
+    h, w = after.shape[:2]
+    cam = camera_of(viewer)
+    zoom = cam.zoom * (h / viewer.canvas.size[0])  # screenshot px per µm
+
+    def to_px(world_yx):
+        return (
+            int(round((world_yx[0] - cam.center[-2]) * zoom + h / 2)),
+            int(round((world_yx[1] - cam.center[-1]) * zoom + w / 2)),
+        )
+
+    changed, unchanged = [], []
+    for r in range(heat.data.shape[0]):
+        for c in range(heat.data.shape[1]):
+            py, px = to_px(heat.data_to_world((r, c)))
+            if not (0 <= py < h and 0 <= px < w):
+                continue
+            diff = np.abs(after[py, px, :3].astype(int) - before[py, px, :3].astype(int)).max()
+            (changed if np.isfinite(heat.data[r, c]) else unchanged).append(diff)
+    assert len(changed) >= 0.9 * len(coords)
+    assert np.mean(np.array(changed) > 8) > 0.95, changed
+    assert unchanged, "the demo slide should have tile-grid cells without tissue"
+    assert np.mean(np.array(unchanged) <= 2) > 0.95, unchanged
+
+    # Exports.
+    fc = json.loads(widget.export_geojson(tmp_path / "tiles.geojson").read_text())
+    assert len(fc["features"]) == len(coords)
+    ring = fc["features"][0]["geometry"]["coordinates"][0]
+    x, y = coords[0]
+    assert ring == [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+    assert fc["features"][0]["properties"]["measurements"]["MIRROR attention"] == pytest.approx(
+        pred.attention[0]
+    )
+    lines = widget.export_csv(tmp_path / "tiles.csv").read_text().splitlines()
+    assert len(lines) == len(coords) + 1
+    png = widget.export_png(tmp_path / "view.png")
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(png).shape[:2] == (h, w)
+    rep = json.loads(widget.export_report(tmp_path / "report.json").read_text())
+    assert rep["bundle"]["sha256"] == pred.bundle_sha256 == res.bundle.sha256
+    assert rep["inputs"]["sample_id"] == (demo_case.sample_id if bundle.has_rna else None)
+    assert rep["outputs"]["survival"]["risk_score"] == pytest.approx(pred.risk_score)
+
+    # Display controls act on the heatmap layer.
+    widget.colormap_combo.setCurrentText("viridis")
+    widget.opacity_slider.setValue(30)
+    widget.smoothing_spin.setValue(1.0)
+    assert heat.colormap.name == "viridis" and heat.opacity == pytest.approx(0.3)
+    assert np.isnan(heat.data).sum() == heat.data.size - len(coords)
+
+
+def test_slide_only_run_from_feature_file(
+    make_napari_viewer, qtbot, bundle, demo_case, demo_features
+):
+    """Slide-only, with precomputed features instead of re-extraction: the panel says so and the
+    heatmap covers the feature file's tiles."""
+    from mirror_model.features import read_features
+
+    viewer, widget, slide = _viewer_with_sample(make_napari_viewer, bundle)
+    widget.set_expression_file(None)
+    widget.set_features_file(demo_features)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert widget.last_error is None
+    pred = widget.last_result.prediction
+    assert tuple(pred.modalities) == ("slide",)
+    assert "Slide only" in widget.results.summary_text()
+    ff = read_features(demo_features)
+    np.testing.assert_array_equal(pred.coords_level0, ff.coords_level0)
+    heat = widget.heatmap_layer
+    assert heat is not None and np.isfinite(heat.data).sum() == len(ff.coords_level0)
+    assert widget.export_buttons["geojson"].isEnabled()
+
+    # Running again replaces this slide's result layers (same names, no duplicates).
+    names = [layer.name for layer in viewer.layers]
+    assert names == [slide.name, f"{slide.name} attention", f"{slide.name} top tiles"]
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == names
+    assert widget.heatmap_layer is not heat and heat not in viewer.layers
+
+    # The number of marked tiles follows the spin box; the list matches the layer.
+    widget.topk_spin.setValue(3)
+    assert len(widget.top_tiles_layer.data) == 3 and widget.top_list.count() == 3
+    assert [layer.name for layer in viewer.layers] == names
+    best = int(np.argmax(pred.attention))
+    assert widget.top_list.item(0).text().startswith(
+        f"#1  x={pred.coords_level0[best, 0]}, y={pred.coords_level0[best, 1]}"
+    )
+
+
+def test_rna_only_run_says_so_and_draws_no_heatmap(make_napari_viewer, qtbot, bundle, demo_case):
+    if not bundle.has_rna:
+        pytest.skip("the bundle under test has no RNA heads")
+    viewer, widget, slide = _viewer_with_sample(make_napari_viewer, bundle)
+    n_layers = len(viewer.layers)
+    widget.slide_combo.setCurrentText("(no slide: expression only)")
+    widget.set_expression_file(demo_case.expression_path, sample_id=demo_case.sample_id)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert widget.last_error is None
+    assert tuple(widget.last_result.prediction.modalities) == ("rna",)
+    assert "Expression only" in widget.results.summary_text()
+    assert widget.heatmap_layer is None and len(viewer.layers) == n_layers
+    assert not widget.export_buttons["geojson"].isEnabled()
+    assert widget.results.shown["risk_group"] in ("low", "high")
+
+
+# ----------------------------------------------------------------------------------- errors
+def _run_expecting_error(widget, qtbot) -> list[str]:
+    with NotificationRecorder() as rec:
+        widget.run()
+        if widget.is_running:
+            wait_for_run(qtbot, widget)
+    return rec.errors()
+
+
+def test_error_unloadable_bundle(make_napari_viewer, qtbot, demo_case, tmp_path):
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer)
+    bad = tmp_path / "broken.mirror"
+    bad.write_bytes(b"\x00" * 64)
+    widget.set_bundle_file(bad)
+    n = len(viewer.layers)
+    errors = _run_expecting_error(widget, qtbot)
+    assert len(errors) == 1 and "broken.mirror" in errors[0] and errors[0].startswith("MIRROR: ")
+    assert "Traceback" not in errors[0]
+    assert len(viewer.layers) == n and widget.last_result is None
+
+
+def test_error_expression_not_matching_bundle_genes(
+    make_napari_viewer, qtbot, bundle, demo_case, tmp_path
+):
+    if not bundle.has_rna:
+        pytest.skip("the bundle under test has no RNA heads")
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer, bundle)
+    expr = tmp_path / "other_genes.csv"
+    genes = [f"NOTAGENE{i}" for i in range(30)]
+    rows = ["sample_id," + ",".join(genes), "PATIENT-1," + ",".join(["1.0"] * 30)]
+    expr.write_text("\n".join(rows) + "\n")
+    assert widget.set_expression_file(expr, sample_id="PATIENT-1")
+    n = len(viewer.layers)
+    errors = _run_expecting_error(widget, qtbot)
+    assert len(errors) == 1 and "gene" in errors[0].lower() and "other_genes.csv" in errors[0]
+    assert len(viewer.layers) == n
+
+
+def test_error_unreadable_slide_and_no_tissue(make_napari_viewer, qtbot, bundle, tmp_path):
+    viewer = make_napari_viewer()
+    from napari_mirror._widget import MirrorWidget
+
+    blank = tmp_path / "blank_glass.tif"
+    write_blank_tiff(blank)
+    good = tmp_path / "to_be_corrupted.tif"
+    write_pyramidal_tiff(good, width=1024, height=768, n_levels=2)
+    (blank_layer,) = viewer.open(str(blank), plugin="napari-mirror")
+    (bad_layer,) = viewer.open(str(good), plugin="napari-mirror")
+    widget = MirrorWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.set_device("cpu")
+    widget.set_bundle_file(bundle.path)
+
+    widget.set_slide_layer(blank_layer)
+    n = len(viewer.layers)
+    errors = _run_expecting_error(widget, qtbot)
+    assert len(errors) == 1 and "tissue" in errors[0].lower() and "blank_glass" in errors[0]
+    assert len(viewer.layers) == n
+
+    # The file changes on disk after it was opened: the run must say so, not crash.
+    good.write_bytes(b"this is no longer a TIFF")
+    widget.set_slide_layer(bad_layer)
+    errors = _run_expecting_error(widget, qtbot)
+    assert len(errors) == 1 and "to_be_corrupted.tif" in errors[0]
+    assert len(viewer.layers) == n
+
+
+def test_error_nothing_to_run_on_and_bad_expression_file(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    from napari_mirror._widget import MirrorWidget
+
+    widget = MirrorWidget(viewer)
+    errors = _run_expecting_error(widget, qtbot)
+    assert len(errors) == 1 and "Nothing to run on" in errors[0]
+    bad = tmp_path / "garbage.csv"
+    bad.write_bytes(b"\x00\x01\x02")
+    with NotificationRecorder() as rec:
+        assert widget.set_expression_file(bad) is False
+    assert len(rec.errors()) == 1 and "garbage.csv" in rec.errors()[0]
+
+
+# ----------------------------------------------------------------------------------- cancel
+def test_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot, bundle, demo_case):
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer, bundle)
+    names = [layer.name for layer in viewer.layers]
+    with NotificationRecorder() as rec:
+        widget.run()
+        widget.cancel()
+        wait_for_run(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == names
+    assert widget.last_result is None and widget.heatmap_layer is None
+    assert rec.errors() == [] and any("cancelled" in m for m in rec.infos())
+    assert "Cancelled" in widget.status_label.text()
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_mid_run_keeps_previous_result(
+    make_napari_viewer, qtbot, bundle, demo_case, demo_features
+):
+    """Cancel while predict is encoding tiles (from its first progress report): the earlier
+    result and its layers stay exactly as they were."""
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer, bundle)
+    widget.set_expression_file(None)
+    widget.set_features_file(demo_features)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    first = widget.last_result
+    heat = widget.heatmap_layer
+    assert first is not None and heat is not None
+    names = [layer.name for layer in viewer.layers]
+    data = heat.data.copy()
+
+    widget.set_features_file(None)  # now a real extraction, cancelled at its first report
+    seen = []
+    widget._bridge.progressed.connect(lambda d, t, s: (seen.append(s), widget.cancel()))
+    with NotificationRecorder() as rec:
+        widget.run()
+        wait_for_run(qtbot, widget)
+    assert seen  # progress reached the GUI thread while it ran
+    assert any("cancelled" in m for m in rec.infos()) and rec.errors() == []
+    assert widget.last_result is first and widget.heatmap_layer is heat
+    assert [layer.name for layer in viewer.layers] == names
+    np.testing.assert_array_equal(heat.data, data)
