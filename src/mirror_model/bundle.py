@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import jsonable
 from .errors import BundleError
 
 __all__ = [
@@ -182,23 +183,6 @@ def _tensor_digest(arr: np.ndarray) -> str:
     h.update(f"{arr.dtype.str}|{tuple(arr.shape)}|".encode())
     h.update(np.asarray(arr, order="C").tobytes())
     return h.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types only (numpy scalars/arrays to Python, NaN/inf to None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,7 +625,7 @@ def _serialise(
             arr = arr.astype(np.float32)
         tensors[_MODEL_PREFIX + k] = np.array(arr, order="C", copy=True)
     doc["tensor_sha256"] = {name: _tensor_digest(arr) for name, arr in sorted(tensors.items())}
-    return _jsonable(doc), tensors
+    return jsonable(doc), tensors
 
 
 def save_bundle(

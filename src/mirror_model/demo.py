@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_bytes, atomic_write_text
+from ._io import atomic_write_bytes, atomic_write_text, jsonable
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, MirrorError
 
@@ -794,7 +794,7 @@ def run_demo(
                 stage,
                 time.perf_counter() - t0,
                 bundle_sha256=ex.bundle.sha256,
-                reference_metrics=_jsonable(ex.reference_metrics),
+                reference_metrics=jsonable(ex.reference_metrics),
                 notes=ex.notes,
             )
         elif stage == "report":
@@ -838,12 +838,6 @@ def _mask_downsample(out: Path) -> int:
         return 16
 
 
-def _jsonable(obj: Any) -> Any:
-    from .bundle import _jsonable as j
-
-    return j(obj)
-
-
 def _write_metrics(
     out: Path, s: DemoSettings, state: dict[str, Any], timings: dict[str, float]
 ) -> dict[str, Any]:
@@ -878,7 +872,7 @@ def _write_metrics(
         "bundle_reference_fold0": exp.get("reference_metrics"),
         "package_version": __version__,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(jsonable(metrics), indent=2) + "\n")
     return metrics
 
 

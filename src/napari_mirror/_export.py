@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mirror_model._io import atomic_path, atomic_write_text
+from mirror_model._io import atomic_path, atomic_write_text, jsonable
 
 from ._geometry import percentile_ranks
 
@@ -159,22 +159,6 @@ def write_png(path: PathLike, image: np.ndarray) -> Path:
     return Path(path)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def report_dict(prediction: Any, *, inputs: dict[str, Any], bundle: Any = None) -> dict[str, Any]:
     """Everything needed to reproduce and audit a result: bundle hash, inputs, outputs."""
     from . import __version__
@@ -192,7 +176,7 @@ def report_dict(prediction: Any, *, inputs: dict[str, Any], bundle: Any = None) 
             val = getattr(bundle, attr, None)
             if val is not None:
                 bundle_info[attr] = val
-    return _jsonable(
+    return jsonable(
         {
             "format": REPORT_FORMAT,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

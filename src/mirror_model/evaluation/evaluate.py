@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, jsonable
 from .._progress import ProgressFn, StopFn, check_cancel, report
 from ..errors import ConfigError, MirrorError
 from .metrics import CLASSIFICATION_METRICS, c_index, classification_metrics, summarize
@@ -588,21 +588,6 @@ def evaluate_run(
     return result
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars/arrays to Python, NaN/inf to None (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def save_evaluation(
     out_dir: str | os.PathLike[str],
     results: Mapping[str, EvaluationResult],
@@ -627,9 +612,9 @@ def save_evaluation(
         metrics_doc = {"runs": {name: r.metrics for name, r in results.items()}}
         details = {"runs": {name: r.to_dict() for name, r in results.items()}}
     path = out / "metrics.json"
-    atomic_write_text(path, json.dumps(_jsonable(metrics_doc), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(metrics_doc), indent=2, allow_nan=False) + "\n")
     atomic_write_text(
-        out / "evaluation.json", json.dumps(_jsonable(details), indent=1, allow_nan=False) + "\n"
+        out / "evaluation.json", json.dumps(jsonable(details), indent=1, allow_nan=False) + "\n"
     )
     if write_report_md:
         from .report import write_report
