@@ -219,3 +219,28 @@ def test_value_conv_sees_zeros_beyond_the_sequence():
     assert torch.allclose(
         out_with - out_without, F.linear(expected_conv, layer.to_out.weight), atol=1e-12
     )
+
+
+@pytest.mark.parametrize(("landmarks", "conv_kernel"), [(4, 5), (7, 33), (32, 0)])
+def test_cls_only_equals_position_zero_of_the_full_output(landmarks, conv_kernel):
+    """The last-layer shortcut gives the full layer's position-0 output and CLS attention,
+    unbatched and inside a padded batch, and its gradient flows to the same parameters."""
+    torch.manual_seed(5)
+    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=conv_kernel)
+    layer = layer.double().eval()
+    lengths = torch.tensor([13, 5, 1, 20])
+    x = torch.randn(4, 20, 8, dtype=torch.float64)
+    mask = torch.arange(20)[None] < lengths[:, None]
+    for lens in (None, lengths):
+        full = layer(x, lengths=lens, cls_key_mask=mask)
+        cls = layer(x, lengths=lens, cls_key_mask=mask, cls_only=True)
+        assert cls.out.shape == (4, 1, 8)
+        assert torch.allclose(cls.out, full.out[:, :1], atol=1e-10)
+        assert torch.allclose(cls.cls_attention, full.cls_attention, atol=1e-12)
+    # gradients: same for every parameter when only the CLS output feeds the loss
+    g_full = torch.autograd.grad(layer(x).out[:, 0].square().sum(), list(layer.parameters()))
+    g_cls = torch.autograd.grad(
+        layer(x, cls_only=True).out[:, 0].square().sum(), list(layer.parameters())
+    )
+    for a, b in zip(g_full, g_cls, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)

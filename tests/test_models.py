@@ -387,3 +387,20 @@ def test_cuda_forward_matches_cpu():
             out = mc(x.cuda(), r.cuda())
     assert torch.allclose(got.embedding.cpu(), ref.embedding, atol=1e-4)
     assert torch.isfinite(low.embedding.float()).all() and torch.isfinite(out.loss)
+
+
+def test_transmil_embedding_is_the_same_with_and_without_tokens():
+    """Without tokens the last layer computes only its CLS output: same embedding and attention."""
+    torch.manual_seed(0)
+    cfg = get_preset("mirror", embed_dim=32, patch_dim=12, n_genes=10)
+    enc = create_slide_encoder(cfg).double().eval()
+    feats = torch.randn(3, 40, 12, dtype=torch.float64)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, 17:] = False
+    mask[2, 3:] = False
+    with torch.no_grad():
+        full = enc(feats, mask, return_tokens=True)
+        cls = enc(feats, mask, return_tokens=False)
+    assert cls.tokens is None and full.tokens is not None
+    assert torch.allclose(cls.embedding, full.embedding, atol=1e-10)
+    assert torch.allclose(cls.attention, full.attention, atol=1e-12)

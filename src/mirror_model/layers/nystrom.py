@@ -193,6 +193,7 @@ class NystromAttention(nn.Module):
         x: Tensor,
         lengths: Tensor | None = None,
         cls_key_mask: Tensor | None = None,
+        cls_only: bool = False,
     ) -> NystromResult:
         """Attend ``x [B, L, D]``.
 
@@ -205,11 +206,19 @@ class NystromAttention(nn.Module):
         cls_key_mask
             ``[B, L]`` bool; when given, also return the exact softmax attention row of the query
             at position 0 over these keys (the row Nyström approximates), averaged over heads.
+        cls_only
+            Compute the output at position 0 only (``out`` is ``[B, 1, D]``), for a last layer whose
+            other outputs are unused. Same values as ``forward(x).out[:, :1]`` up to rounding, with
+            neither the queries of all tokens, the N×m output attention nor the output projection
+            of all tokens (the query landmarks are the projected segment means of ``x``, which is
+            the same by linearity).
         """
         bsz, length, _ = x.shape
         h, d = self.heads, self.head_dim
         if lengths is not None and bool((lengths >= length).all()):
             lengths = None
+        if cls_only:
+            return self._forward_cls(x, lengths, cls_key_mask)
         qkv = self.to_qkv(x).reshape(bsz, length, 3, h, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, L, d]
         # The softmax scale 1/sqrt(d) multiplies every logit (q·k, q̃·k, q̃·k̃ alike) and the
@@ -227,23 +236,9 @@ class NystromAttention(nn.Module):
             if bool(lm_valid.all()):
                 lm_valid = None
 
-        # m x m kernel, its pseudo-inverse in float32; landmarks made of padding only become
-        # identity rows/columns so they drop out exactly (see module docstring).
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            sim2 = (_at_least_f32(q_l) * scale) @ _at_least_f32(k_l).transpose(-1, -2)
-            if lm_valid is not None:
-                sim2 = sim2.masked_fill(~lm_valid[:, None, None, :], float("-inf"))
-            kernel = sim2.softmax(dim=-1)
-            if lm_valid is not None:
-                eye = torch.eye(self.landmarks, device=x.device, dtype=kernel.dtype)
-                kernel = torch.where(lm_valid[:, None, :, None], kernel, eye)
-            kernel_pinv = moore_penrose_pinv(kernel, self.pinv_iterations)
-
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
         lm_mask = None if lm_valid is None else lm_valid[:, None, None, :]
-        # softmax(Q̃ Kᵀ) V : [B, h, m, d]
-        landmark_values = F.scaled_dot_product_attention(q_l, k, v, attn_mask=key_mask, scale=scale)
-        mixed = kernel_pinv.to(landmark_values.dtype) @ landmark_values
+        mixed = self._mixed_values(q_l, k_l, k, v, lm_valid, key_mask)
         # softmax(Q K̃ᵀ) · mixed : [B, h, L, d]
         out = F.scaled_dot_product_attention(
             q, k_l.to(q.dtype), mixed.to(q.dtype), attn_mask=lm_mask, scale=scale
@@ -258,16 +253,91 @@ class NystromAttention(nn.Module):
 
         out = out.transpose(1, 2).reshape(bsz, length, h * d)
         out = self.dropout(self.to_out(out))
+        return NystromResult(
+            out=out, cls_attention=self._cls_attention(q[:, :, :1], k, cls_key_mask)
+        )
 
-        cls_attention = None
-        if cls_key_mask is not None:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = (
-                    (_at_least_f32(q[:, :, :1, :]) * scale) @ _at_least_f32(k).transpose(-1, -2)
-                ).squeeze(2)
-                logits = logits.masked_fill(~cls_key_mask[:, None, :], float("-inf"))
-                cls_attention = logits.softmax(dim=-1).mean(dim=1)
-        return NystromResult(out=out, cls_attention=cls_attention)
+    def _mixed_values(
+        self,
+        q_l: Tensor,
+        k_l: Tensor,
+        k: Tensor,
+        v: Tensor,
+        lm_valid: Tensor | None,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        """``Ã⁺ · softmax(Q̃ Kᵀ) V`` ``[B, h, m, d]``; the m×m kernel and its pseudo-inverse in float32.
+
+        Landmarks made of padding only become identity rows/columns of the kernel so they drop
+        out exactly (see module docstring).
+        """
+        scale = self.scale
+        with torch.autocast(device_type=k.device.type, enabled=False):
+            sim2 = (_at_least_f32(q_l) * scale) @ _at_least_f32(k_l).transpose(-1, -2)
+            if lm_valid is not None:
+                sim2 = sim2.masked_fill(~lm_valid[:, None, None, :], float("-inf"))
+            kernel = sim2.softmax(dim=-1)
+            if lm_valid is not None:
+                eye = torch.eye(self.landmarks, device=k.device, dtype=kernel.dtype)
+                kernel = torch.where(lm_valid[:, None, :, None], kernel, eye)
+            kernel_pinv = moore_penrose_pinv(kernel, self.pinv_iterations)
+        # softmax(Q̃ Kᵀ) V : [B, h, m, d]
+        landmark_values = F.scaled_dot_product_attention(
+            q_l.to(k.dtype), k, v, attn_mask=key_mask, scale=scale
+        )
+        return kernel_pinv.to(landmark_values.dtype) @ landmark_values
+
+    def _cls_attention(
+        self, q_cls: Tensor, k: Tensor, cls_key_mask: Tensor | None
+    ) -> Tensor | None:
+        """Exact head-averaged ``softmax(q_cls · Kᵀ/√d)`` over ``cls_key_mask`` ``[B, L]`` (or None)."""
+        if cls_key_mask is None:
+            return None
+        with torch.autocast(device_type=k.device.type, enabled=False):
+            logits = (
+                (_at_least_f32(q_cls) * self.scale) @ _at_least_f32(k).transpose(-1, -2)
+            ).squeeze(2)
+            logits = logits.masked_fill(~cls_key_mask[:, None, :], float("-inf"))
+            return logits.softmax(dim=-1).mean(dim=1)
+
+    def _forward_cls(
+        self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None
+    ) -> NystromResult:
+        """Output at position 0 only; see ``cls_only`` in :meth:`forward`."""
+        bsz, length, dim = x.shape
+        h, d = self.heads, self.head_dim
+        w = self.to_qkv.weight
+        w_q = w[:dim]
+        kv = F.linear(x, w[dim:])
+        k, v = kv.reshape(bsz, length, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
+        q_cls = F.linear(x[:, :1], w_q).reshape(bsz, 1, h, d).transpose(1, 2)  # [B, h, 1, d]
+        # query landmarks = W_q · (segment means of x), by linearity of the projection
+        if lengths is None:
+            key_valid = None
+            x_l, lm_valid = self._landmarks_dense(x.unsqueeze(1))
+            k_l, _ = self._landmarks_dense(k)
+        else:
+            key_valid = torch.arange(length, device=x.device)[None, :] < lengths[:, None]
+            x_l, lm_valid = self._landmarks_masked(x.unsqueeze(1), lengths)
+            k_l, _ = self._landmarks_masked(k, lengths)
+            if bool(lm_valid.all()):
+                lm_valid = None
+        m = x_l.shape[2]
+        q_l = F.linear(x_l.squeeze(1), w_q).reshape(bsz, m, h, d).transpose(1, 2)  # [B, h, m, d]
+        key_mask = None if key_valid is None else key_valid[:, None, None, :]
+        lm_mask = None if lm_valid is None else lm_valid[:, None, None, :]
+        mixed = self._mixed_values(q_l, k_l, k, v, lm_valid, key_mask)
+        out = F.scaled_dot_product_attention(
+            q_cls, k_l.to(q_cls.dtype), mixed.to(q_cls.dtype), attn_mask=lm_mask, scale=self.scale
+        )  # [B, h, 1, d]
+        if self.res_conv is not None:
+            # position 0 of the sequence convolution sees only the first k//2 + 1 values
+            first = v[:, :, : self.res_conv.kernel_size[0] // 2 + 1]
+            if key_valid is not None:
+                first = first * key_valid[:, None, : first.shape[2], None].to(first.dtype)
+            out = out + self.res_conv(first)[:, :, :1]
+        out = self.dropout(self.to_out(out.transpose(1, 2).reshape(bsz, 1, h * d)))
+        return NystromResult(out=out, cls_attention=self._cls_attention(q_cls, k, cls_key_mask))
 
 
 class NystromLayer(nn.Module):
@@ -287,8 +357,15 @@ class NystromLayer(nn.Module):
         self.attn = NystromAttention(dim, heads, landmarks, pinv_iterations, conv_kernel, dropout)
 
     def forward(
-        self, x: Tensor, lengths: Tensor | None = None, cls_key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        lengths: Tensor | None = None,
+        cls_key_mask: Tensor | None = None,
+        cls_only: bool = False,
     ) -> NystromResult:
-        """``x + attn(norm(x))``; see :meth:`NystromAttention.forward` for the arguments."""
-        res = self.attn(self.norm(x), lengths=lengths, cls_key_mask=cls_key_mask)
-        return NystromResult(out=x + res.out, cls_attention=res.cls_attention)
+        """``x + attn(norm(x))`` (position 0 only, ``[B, 1, D]``, when ``cls_only``); see
+        :meth:`NystromAttention.forward` for the arguments."""
+        res = self.attn(self.norm(x), lengths=lengths, cls_key_mask=cls_key_mask, cls_only=cls_only)
+        return NystromResult(
+            out=x[:, :1] + res.out if cls_only else x + res.out, cls_attention=res.cls_attention
+        )

@@ -128,7 +128,10 @@ class TransMILEncoder(nn.Module):
         # keys of the heatmap softmax: the real tiles only (positions 1..n_b)
         pos = torch.arange(h.shape[1], device=device)[None, :]
         cls_key_mask = (pos >= 1) & (pos <= bag.lengths[:, None])
-        res = self.layer2(h, lengths=seq_lengths, cls_key_mask=cls_key_mask)
+        # without tokens only the CLS output of the last layer is used: compute just that
+        res = self.layer2(
+            h, lengths=seq_lengths, cls_key_mask=cls_key_mask, cls_only=not return_tokens
+        )
         h = self.norm(res.out)
 
         embedding = h[:, 0]
