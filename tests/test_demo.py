@@ -87,6 +87,8 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     b = load_bundle(out / "demo.mirror")
     assert b.input_kinds == ("slide", "rna", "both")
     assert b.metrics["heatmap"]["n_slides"] == m["heatmap"]["n_slides"]
+    # a shipped bundle names its metrics file, not the folder it was built in
+    assert b.metrics["source"] == "metrics.json"
     assert (tmp_path / "copy.mirror").read_bytes() == (out / "demo.mirror").read_bytes()
     assert res.headline["tumour_auroc"] == m["heatmap"]["tumour_auroc"]
     # resumable: a second run skips every finished stage

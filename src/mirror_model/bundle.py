@@ -947,7 +947,8 @@ def _find_metrics(run_dir: Path, metrics_path: str | os.PathLike[str] | None) ->
             # a comparison file: take the entry of this run (by folder name) if present
             doc = doc["runs"].get(run_dir.name) or next(iter(doc["runs"].values()), {})
         if isinstance(doc, dict):
-            return {"source": str(p), **doc}
+            # the file name only: a shipped bundle must not carry the builder's folder layout
+            return {"source": p.name, **doc}
     return {}
 
 
