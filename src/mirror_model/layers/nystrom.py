@@ -60,6 +60,13 @@ def moore_penrose_pinv(x: Tensor, iterations: int = 6) -> Tensor:
     return z
 
 
+def _key_valid(length: int, lengths: Tensor | None, device: torch.device) -> Tensor | None:
+    """``[B, L]`` bool: position < the sample's valid length (None when all are valid)."""
+    if lengths is None:
+        return None
+    return torch.arange(length, device=device)[None, :] < lengths[:, None]
+
+
 def _minus_plus_diag(a: Tensor, c: float) -> Tensor:
     """``c·I − a`` without materialising the identity (the negation is a fresh tensor)."""
     out = a.neg()
@@ -187,6 +194,13 @@ class NystromAttention(nn.Module):
             means = sums / counts.clamp(min=1)[:, None, :, None].to(sums.dtype)
         return means.to(t.dtype), counts > 0
 
+    def _landmarks(self, t: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Segment means of ``t [B, h, L, d]`` and the ``[B, m]`` landmark validity (None = all valid)."""
+        if lengths is None:
+            return self._landmarks_dense(t)
+        means, valid = self._landmarks_masked(t, lengths)
+        return means, None if bool(valid.all()) else valid
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -225,16 +239,9 @@ class NystromAttention(nn.Module):
         # landmarks are linear in q, so it is applied to the logits instead of to q (no copy).
         scale = self.scale
 
-        if lengths is None:
-            key_valid = None
-            q_l, lm_valid = self._landmarks_dense(q)
-            k_l, _ = self._landmarks_dense(k)
-        else:
-            key_valid = torch.arange(length, device=x.device)[None, :] < lengths[:, None]
-            q_l, lm_valid = self._landmarks_masked(q, lengths)
-            k_l, _ = self._landmarks_masked(k, lengths)
-            if bool(lm_valid.all()):
-                lm_valid = None
+        key_valid = _key_valid(length, lengths, x.device)
+        q_l, lm_valid = self._landmarks(q, lengths)
+        k_l, _ = self._landmarks(k, lengths)
 
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
         lm_mask = None if lm_valid is None else lm_valid[:, None, None, :]
@@ -312,16 +319,9 @@ class NystromAttention(nn.Module):
         k, v = kv.reshape(bsz, length, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
         q_cls = F.linear(x[:, :1], w_q).reshape(bsz, 1, h, d).transpose(1, 2)  # [B, h, 1, d]
         # query landmarks = W_q · (segment means of x), by linearity of the projection
-        if lengths is None:
-            key_valid = None
-            x_l, lm_valid = self._landmarks_dense(x.unsqueeze(1))
-            k_l, _ = self._landmarks_dense(k)
-        else:
-            key_valid = torch.arange(length, device=x.device)[None, :] < lengths[:, None]
-            x_l, lm_valid = self._landmarks_masked(x.unsqueeze(1), lengths)
-            k_l, _ = self._landmarks_masked(k, lengths)
-            if bool(lm_valid.all()):
-                lm_valid = None
+        key_valid = _key_valid(length, lengths, x.device)
+        x_l, lm_valid = self._landmarks(x.unsqueeze(1), lengths)
+        k_l, _ = self._landmarks(k, lengths)
         m = x_l.shape[2]
         q_l = F.linear(x_l.squeeze(1), w_q).reshape(bsz, m, h, d).transpose(1, 2)  # [B, h, m, d]
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
