@@ -36,6 +36,14 @@ def _as_2d(X: Any, what: str = "X") -> np.ndarray:
     return arr
 
 
+def _as_fitted_2d(X: Any, fitted_dim: int, what: str) -> np.ndarray:
+    """:func:`_as_2d` plus the check that X has the width the model ``what`` was fitted on."""
+    X = _as_2d(X)
+    if X.shape[1] != fitted_dim:
+        raise ConfigError(f"{what} was fitted on {fitted_dim}-d embeddings; got {X.shape[1]}-d.")
+    return X
+
+
 def _standardize_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = X.mean(axis=0)
     scale = X.std(axis=0)
@@ -182,11 +190,7 @@ class LinearProbe:
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits: [N] for two classes (of ``classes_[1]``), else [N, C]."""
         self._check_fitted()
-        X = _as_2d(X)
-        if X.shape[1] != self.mean_.shape[0]:
-            raise ConfigError(
-                f"the probe was fitted on {self.mean_.shape[0]}-d embeddings; got {X.shape[1]}-d."
-            )
+        X = _as_fitted_2d(X, self.mean_.shape[0], "the probe")
         z = ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
         return z[:, 0] if self.coef_.shape[0] == 1 else z
 

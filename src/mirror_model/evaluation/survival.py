@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import ConfigError, TrainingError
 from .metrics import c_index
+from .probes import _as_2d, _as_fitted_2d, _standardize_fit
 
 __all__ = [
     "CoxHead",
@@ -77,24 +78,6 @@ def _survival_arrays(time: Any, event: Any, n: int | None = None) -> tuple[np.nd
             "event must be 0/1 (1 = death observed, 0 = censored); found other values."
         )
     return t, e_num.astype(bool)
-
-
-def _as_2d(X: Any, what: str = "X") -> np.ndarray:
-    arr = np.asarray(X, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ConfigError(
-            f"{what} must be a 2-D array [n_samples, n_features]; got shape {arr.shape}."
-        )
-    if not np.all(np.isfinite(arr)):
-        raise ConfigError(f"{what} contains NaN or inf values; embeddings must be finite.")
-    return arr
-
-
-def _standardize_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale = np.where(scale > 1e-12, scale, 1.0)  # constant features stay at 0, not NaN
-    return mean, scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,11 +399,7 @@ class CoxHead:
     def predict_risk(self, X: Any) -> np.ndarray:
         """Linear predictor x·β per patient, [N] (higher = worse prognosis)."""
         self._check_fitted()
-        X = _as_2d(X)
-        if X.shape[1] != self.mean_.shape[0]:
-            raise ConfigError(
-                f"the Cox head was fitted on {self.mean_.shape[0]}-d embeddings; got {X.shape[1]}-d."
-            )
+        X = _as_fitted_2d(X, self.mean_.shape[0], "the Cox head")
         return self._features(X) @ self.coef_
 
     def to_dict(self) -> dict[str, Any]:
@@ -668,11 +647,7 @@ class DiscreteHazardHead:
     def predict_hazards(self, X: Any) -> np.ndarray:
         """Per-bin hazards h_t in (0, 1), [N, n_bins_]."""
         self._check_fitted()
-        X = _as_2d(X)
-        if X.shape[1] != self.mean_.shape[0]:
-            raise ConfigError(
-                f"the hazard head was fitted on {self.mean_.shape[0]}-d embeddings; got {X.shape[1]}-d."
-            )
+        X = _as_fitted_2d(X, self.mean_.shape[0], "the hazard head")
         z = ((X - self.mean_) / self.scale_) @ self.weight_.T + self.bias_
         return 1.0 / (1.0 + np.exp(-z))
 
