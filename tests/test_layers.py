@@ -51,15 +51,52 @@ def test_pinv_converges_to_the_inverse():
 
 
 def test_nystrom_equals_softmax_attention_when_every_landmark_is_one_token():
+    # the iterated path (as the reference) converges to exact attention when L <= m ...
     torch.manual_seed(0)
     n, dim = 12, 16
-    layer = NystromAttention(dim, heads=2, landmarks=n, pinv_iterations=40, conv_kernel=5).double()
+    layer = NystromAttention(
+        dim, heads=2, landmarks=n, pinv_iterations=40, conv_kernel=5, exact_when_short=False
+    ).double()
     x = torch.randn(1, n, dim, dtype=torch.float64)
     with torch.no_grad():
         layer.to_qkv.weight.mul_(3.0)  # peaked attention: a well-conditioned kernel
         got = layer(x).out
         ref = _exact_attention(layer, x)
+        # ... and the short-sequence shortcut computes that limit directly
+        layer.exact_when_short = True
+        shortcut = layer(x).out
     assert torch.allclose(got, ref, atol=1e-6), (got - ref).abs().max()
+    assert torch.allclose(shortcut, ref, atol=1e-12), (shortcut - ref).abs().max()
+
+
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_short_samples_get_exact_attention_long_ones_nystrom_in_one_batch(cls_only):
+    """Lengths 3 and 6 <= m = 6 take the exact path, 13 and 20 the Nyström path; every sample
+    in the padded batch equals itself alone, and the short ones equal exact attention."""
+    torch.manual_seed(4)
+    layer = NystromAttention(8, heads=2, landmarks=6, conv_kernel=5).double().eval()
+    lengths = [13, 3, 20, 6]
+    xs = [torch.randn(1, n, 8, dtype=torch.float64) for n in lengths]
+    batch = torch.randn(4, 20, 8, dtype=torch.float64) * 50  # garbage padding
+    keys = torch.zeros(4, 20, dtype=torch.bool)
+    for i, x in enumerate(xs):
+        batch[i, : lengths[i]] = x[0]
+        keys[i, 1 : lengths[i]] = True
+    with torch.no_grad():
+        res = layer(batch, lengths=torch.tensor(lengths), cls_key_mask=keys, cls_only=cls_only)
+        for i, x in enumerate(xs):
+            alone = layer(x, cls_key_mask=keys[i : i + 1, : lengths[i]], cls_only=cls_only)
+            n_out = 1 if cls_only else lengths[i]
+            assert torch.allclose(res.out[i, :n_out], alone.out[0], atol=1e-10)
+            assert torch.allclose(
+                res.cls_attention[i, : lengths[i]], alone.cls_attention[0], atol=1e-12
+            )
+            if lengths[i] <= 6:
+                assert torch.allclose(alone.out[0], _exact_attention(layer, x)[0, :n_out], atol=1e-12)
+            else:  # the long ones really are approximated (not silently exact)
+                assert not torch.allclose(
+                    alone.out[0], _exact_attention(layer, x)[0, :n_out], atol=1e-6
+                )
 
 
 def test_nystrom_is_close_to_exact_with_few_landmarks_on_smooth_inputs():

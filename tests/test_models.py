@@ -142,6 +142,34 @@ def test_attention_is_a_distribution_over_real_tiles_and_padding_is_ignored(pres
             assert torch.allclose(alone.attention[0], att[b, positions[b]], atol=1e-12)
 
 
+@pytest.mark.parametrize("layer", ["first", "last"])
+def test_transmil_heatmap_is_the_exact_cls_row_of_the_chosen_layer(layer):
+    """The heatmap is softmax(q_cls · k_i / sqrt(d)) of layer 1 (keys = the tiles) or of layer 2
+    (keys = tokens after PPEG), averaged over heads, over the real tiles only (the CLS key and
+    the square-padding duplicates excluded), in input order."""
+    m = small("mirror", heatmap_layer=layer).double().eval()
+    enc = m.slide_encoder
+    n = 11  # padded to 16 for PPEG: positions 12..16 are duplicates and get no attention
+    x = torch.randn(n, 12, dtype=torch.float64)
+    seen = {}
+    target = enc.layer1 if layer == "first" else enc.layer2
+    hook = target.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    with torch.no_grad():
+        att = m.encode_slide(x).attention[0]
+        hook.remove()
+        attn = target.attn
+        h = target.norm(seen["x"])[0]  # [1 + 16, D]
+        q, k, _ = attn.to_qkv(h).reshape(h.shape[0], 3, attn.heads, attn.head_dim).unbind(1)
+        logits = torch.einsum("hd,nhd->hn", q[0], k[1 : 1 + n]) * attn.scale
+        expected = logits.softmax(dim=-1).mean(dim=0)
+    assert torch.allclose(att, expected, atol=1e-12)
+    other = small("mirror", heatmap_layer="last" if layer == "first" else "first").double().eval()
+    with torch.no_grad():
+        assert not torch.allclose(other.encode_slide(x).attention[0], att, atol=1e-3)
+        # the choice changes the map only, never the embedding
+        assert torch.allclose(other.encode_slide(x).embedding, m.encode_slide(x).embedding)
+
+
 def test_abmil_is_invariant_to_tile_order():
     m = small("tangle").double().eval()
     x = torch.randn(31, 12, dtype=torch.float64)

@@ -70,6 +70,15 @@ class ModelConfig:
     slide_heads, slide_landmarks, pinv_iterations, nystrom_conv_kernel, ppeg_kernels, slide_dropout
         TransMIL settings. ``slide_landmarks = 0`` means D/2 (the authors' choice);
         ``nystrom_conv_kernel = 0`` disables the depthwise value convolution.
+    nystrom_exact_when_short
+        Slides (or decoder sequences) with at most ``landmarks`` tokens get exact softmax
+        attention, the value Nyström converges to, instead of the iterated pseudo-inverse
+        (``True``, much faster for short sequences); ``False`` iterates as the reference does.
+    heatmap_layer
+        Which TransMIL layer's CLS attention row is the per-tile heatmap: ``"first"`` (default;
+        its keys are the tiles themselves) or ``"last"`` (the authors' choice, whose keys are
+        tiles already mixed with their neighbours by the value convolution and PPEG). See
+        :mod:`mirror_model.models.transmil`.
     abmil_attention_dim, abmil_dropout
         Gated ABMIL settings (hidden width of the attention branch; dropout after the input
         projection).
@@ -108,6 +117,8 @@ class ModelConfig:
     nystrom_conv_kernel: int = 33
     ppeg_kernels: tuple[int, ...] = (7, 5, 3)
     slide_dropout: float = 0.1
+    nystrom_exact_when_short: bool = True
+    heatmap_layer: str = "first"
     # gated ABMIL (design §1.10)
     abmil_attention_dim: int = 256
     abmil_dropout: float = 0.1
@@ -267,6 +278,8 @@ def _validate(c: ModelConfig) -> None:
         raise bad("n_prototypes", "must be an integer >= 2")
     if c.slide_encoder not in _SLIDE_ENCODERS:
         raise bad("slide_encoder", f"must be one of {', '.join(_SLIDE_ENCODERS)}")
+    if c.heatmap_layer not in ("first", "last"):
+        raise bad("heatmap_layer", "must be 'first' or 'last'")
     if c.rna_encoder not in _RNA_ENCODERS:
         raise bad("rna_encoder", f"must be one of {', '.join(_RNA_ENCODERS)}")
     for name in ("ppeg_kernels", "rna_mlp_hidden_dims", "style_hidden_dims"):
@@ -297,7 +310,7 @@ def _validate(c: ModelConfig) -> None:
             "logit_scale_init",
             f"exp(logit_scale_init) must be <= logit_scale_max = {c.logit_scale_max}",
         )
-    for name in ("align_normalize_after_head", "retention_stop_gradient"):
+    for name in ("align_normalize_after_head", "retention_stop_gradient", "nystrom_exact_when_short"):
         if not isinstance(getattr(c, name), bool):
             raise bad(name, "must be true or false")
     for n in LOSS_NAMES:

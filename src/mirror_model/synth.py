@@ -18,8 +18,14 @@ For patient ``p`` (``p = 1..P``):
 3. **Morphology** (per slide, with small slide-to-slide noise ``e ~ N(0, 1)``):
    tumour fraction of the tissue ``tf = 0.2 + 0.5 * sigmoid(r_p + 0.5 e)``;
    grade ``g = sigmoid(1.5 r_p + 0.3 e')``, which scales nuclear size (``x (1 + 0.35 g)``),
-   pleomorphism, nuclear density and hyperchromasia; lymphocyte density ``x exp(-0.6 r_p)``
-   (more tumour-infiltrating lymphocytes = better prognosis).
+   pleomorphism, nuclear density and hyperchromasia; density of tumour-infiltrating lymphocytes
+   (inside the tumour region) ``x exp(-0.6 r_p)`` (more TILs = better prognosis). The
+   non-tumour tissue carries **nuisance variation only**, drawn per slide independently of the
+   patient: stromal lymphocyte density ``x exp(0.5 n1)``, collagen eosin ``x exp(0.12 n2)``,
+   fibroblast density ``x exp(0.3 n3)`` (``n ~ N(0, 1)``) — as in real slides, where the
+   amount and look of the surrounding normal tissue depend on how the block was cut, not on
+   the tumour's transcriptome. Only the tumour region (and its extent) carries the signal
+   that the expression also carries.
 4. **Expression** (counts, negative binomial): for gene ``j`` with baseline log-mean
    ``b_j ~ N(log 200, 1.2)``, ``eta_pj = b_j + 1.2 [j is a marker of s_p]
    + w_j r_p + v_j (tf_p - 0.45) * 3 + u_pj`` with ``u_pj ~ N(0, 0.3)``,
@@ -45,7 +51,7 @@ haematoxylin and eosin maps ``H``, ``E`` (quantised OD levels) combined with sta
 per slide, with a +-10 % eosin intensity "batch effect") into RGB ``255 exp(-(H h + E e + bg))``,
 so colour deconvolution recovers them. Stroma: eosin with anisotropic fibre texture and sparse
 elongated fibroblast nuclei along the local fibre direction; lymphocytes scattered over the
-tissue. Nuclei are stamped from per-slide banks of textured elliptical nuclei whose sizes are
+stroma (nuisance density) and inside the tumour (risk-dependent density). Nuclei are stamped from per-slide banks of textured elliptical nuclei whose sizes are
 given in µm, so ``mpp`` changes their size in pixels. Written as a
 pyramidal tiled TIFF (one page per level, downsample 4 between levels, 256-px JPEG tiles,
 resolution tags in cm) that OpenSlide reads with ``openslide.mpp-x = mpp``.
@@ -576,7 +582,10 @@ def render_slide(job: _SlideJob, keep_stains: bool = False) -> RenderedSlide:
     fib = (fib - fib.mean()) / (fib.std() + 1e-6)
     dens = _resize(_smooth_noise(rng, ng, 2.0), half)  # looser / denser collagen
     e_strength = rng.uniform(0.9, 1.1)  # per-slide stain intensity (batch effect)
+    # per-slide nuisance of the non-tumour tissue, independent of the patient (module docstring)
+    n_lym, n_col, n_fib = rng.standard_normal(3)
     E_h = (0.50 + 0.06 * fib + 0.06 * dens) * e_strength
+    E_h = np.where(tumour_h, E_h, E_h * math.exp(0.12 * n_col))
     H_h = np.full((half, half), 0.04, dtype=np.float32)
     if morph == "solid":
         cyto = 0.30 + 0.04 * (noise_h / 127.5 - 1.0)
@@ -677,7 +686,7 @@ def render_slide(job: _SlideJob, keep_stains: bool = False) -> RenderedSlide:
         texture=0.2,
     )
     stroma_like = tissue_h & ~tumour_h if morph == "solid" else tissue_h
-    fy, fx = _poisson_points(rng, stroma_like, N, 1.0 / (45.0 * s) ** 2)
+    fy, fx = _poisson_points(rng, stroma_like, N, math.exp(0.3 * n_fib) / (45.0 * s) ** 2)
     # w≈1: fibres along x (angle 0); w≈0: along y (angle pi/2)
     wloc = w[fy // 2, fx // 2]
     fib_angle = np.where(rng.random(len(fy)) < wloc, 0.0, np.pi / 2) + rng.normal(0, 0.2, len(fy))
@@ -686,7 +695,10 @@ def render_slide(job: _SlideJob, keep_stains: bool = False) -> RenderedSlide:
     lymph = _nucleus_bank(
         rng, 24, (5.5 * s, 7.0 * s), (5.0 * s, 6.5 * s), (1.35, 1.65), texture=0.15
     )
-    ly, lx = _poisson_points(rng, tissue_h, N, job.til_factor / (95.0 * s) ** 2)
+    # tumour-infiltrating lymphocytes (risk-dependent) and stromal ones (nuisance density)
+    ly, lx = _poisson_points(rng, tumour_h, N, job.til_factor / (95.0 * s) ** 2)
+    sy, sx = _poisson_points(rng, tissue_h & ~tumour_h, N, math.exp(0.5 * n_lym) / (95.0 * s) ** 2)
+    ly, lx = np.concatenate([ly, sy]), np.concatenate([lx, sx])
     _stamp_max(H, ly, lx, lymph, rng.integers(0, len(lymph), len(ly)))
     del w, noise_h
 
@@ -1130,7 +1142,8 @@ def synthesize_cohort(
         "morphology": {
             "tumour_fraction": "0.2 + 0.5 * sigmoid(r + 0.5 e), e ~ N(0,1) per slide",
             "grade": "sigmoid(1.5 r + 0.3 e'), scales nuclear size x(1 + 0.35 g)",
-            "lymphocyte_density": "x exp(-0.6 r)",
+            "lymphocyte_density": "tumour region x exp(-0.6 r); stroma x exp(0.5 n), n ~ N(0, 1) per slide",
+            "stroma_nuisance": "collagen eosin x exp(0.12 n), fibroblast density x exp(0.3 n), n ~ N(0, 1) per slide",
         },
         "slides": {
             "mpp": cfg.mpp,

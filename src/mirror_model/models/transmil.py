@@ -16,11 +16,20 @@ Layout details (faithful to the authors unless stated):
   sequence neighbours, so TransMIL is **not** invariant to the order of the tiles (the authors feed
   them in random order).
 
-Per-tile attention (the heatmap): the CLS row of the *last* layer's attention, averaged over heads,
+Per-tile attention (the heatmap): the CLS row of one layer's attention, averaged over heads,
 restricted to the real tiles. Nyström attention never forms that row explicitly; it approximates
 ``softmax(q_cls · Kᵀ / √d)``. We return that exact row, computed in O(N) from the layer's own
 queries and keys, with the softmax taken over the real tiles only (the CLS key and the square-
 padding duplicates are excluded), so it is non-negative and sums to 1 over the real tiles.
+
+Which layer (``ModelConfig.heatmap_layer``): the authors map the **last** layer's row back to
+the tiles. But a last-layer key is not a tile: after layer 1 the value convolution (33 sequence
+neighbours) and PPEG (7×7 grid neighbours) have mixed every token with its neighbours, which in
+the authors' random tile order are unrelated tiles, so "attention to key i" is attention to a
+blend of ~50 random tiles. The **first** layer's keys are the tiles themselves, and its CLS
+output reaches the embedding directly through the residual stream; its row is what the CLS
+token takes from each tile. We default to ``"first"``; on the demo cohort it is the row that
+follows the tumour (see the demo report), ``"last"`` reproduces the authors' map.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ class TransMILEncoder(nn.Module):
     ----------
     config
         Uses ``patch_dim, embed_dim, slide_heads, landmarks, pinv_iterations,
-        nystrom_conv_kernel, ppeg_kernels, slide_dropout``.
+        nystrom_conv_kernel, ppeg_kernels, slide_dropout, nystrom_exact_when_short, heatmap_layer``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -52,6 +61,7 @@ class TransMILEncoder(nn.Module):
         d = config.embed_dim
         self.patch_dim = config.patch_dim
         self.embed_dim = d
+        self.heatmap_layer = config.heatmap_layer
         self.fc = nn.Sequential(nn.Linear(config.patch_dim, d), nn.ReLU())
         self.cls_token = nn.Parameter(torch.empty(1, 1, d))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -62,6 +72,7 @@ class TransMILEncoder(nn.Module):
             pinv_iterations=config.pinv_iterations,
             conv_kernel=config.nystrom_conv_kernel,
             dropout=config.slide_dropout,
+            exact_when_short=config.nystrom_exact_when_short,
         )
         self.layer1 = NystromLayer(**layer_kw)
         self.ppeg = PPEG(d, config.ppeg_kernels)
@@ -104,8 +115,13 @@ class TransMILEncoder(nn.Module):
         seq_lengths = None
         if len(set(squares)) > 1:
             seq_lengths = torch.tensor(squares, device=device) + 1
+        # keys of the heatmap softmax: the real tiles only (positions 1..n_b)
+        pos = torch.arange(h.shape[1], device=device)[None, :]
+        cls_key_mask = (pos >= 1) & (pos <= bag.lengths[:, None])
+        first = self.heatmap_layer == "first"
 
-        h = self.layer1(h, lengths=seq_lengths).out
+        res1 = self.layer1(h, lengths=seq_lengths, cls_key_mask=cls_key_mask if first else None)
+        h = res1.out
 
         # ---- PPEG on each sample's own S x S grid (grouped by grid size)
         groups: dict[int, list[int]] = {}
@@ -125,17 +141,18 @@ class TransMILEncoder(nn.Module):
                 mixed = self.ppeg(grid).permute(0, 2, 3, 1).reshape(len(rows), s * s, d)
                 h[rows_t, 1 : 1 + s * s] = mixed
 
-        # keys of the heatmap softmax: the real tiles only (positions 1..n_b)
-        pos = torch.arange(h.shape[1], device=device)[None, :]
-        cls_key_mask = (pos >= 1) & (pos <= bag.lengths[:, None])
         # without tokens only the CLS output of the last layer is used: compute just that
         res = self.layer2(
-            h, lengths=seq_lengths, cls_key_mask=cls_key_mask, cls_only=not return_tokens
+            h,
+            lengths=seq_lengths,
+            cls_key_mask=None if first else cls_key_mask,
+            cls_only=not return_tokens,
         )
         h = self.norm(res.out)
 
         embedding = h[:, 0]
-        assert res.cls_attention is not None
-        attention = to_input_order(res.cls_attention[:, 1 : 1 + n_compact], bag)
+        cls_attention = res1.cls_attention if first else res.cls_attention
+        assert cls_attention is not None
+        attention = to_input_order(cls_attention[:, 1 : 1 + n_compact], bag)
         tokens = h[:, 1 : 1 + n_compact] if return_tokens else None
         return SlideEncoderOutput(embedding=embedding, attention=attention, tokens=tokens, bag=bag)
