@@ -78,11 +78,20 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     assert m["heatmap"]["n_slides"] + m["heatmap"]["n_slides_skipped"] == 10
     t = m["heatmap"]["tumour_auroc"]
     assert t is None or 0.0 <= t <= 1.0
+    # the heatmap is the first TransMIL layer's row; the last layer's is scored beside it
+    assert (m["heatmap"]["heatmap_layer"], m["heatmap"]["other_layer"]) == ("first", "last")
+    per_slide = json.loads((out / "evaluation" / "heatmap.json").read_text())["slides"]
+    assert all(r["other_layer"] == "last" for r in per_slide)
+    other = [r["auroc_other_layer"] for r in per_slide if r["auroc_other_layer"] is not None]
+    if other:
+        assert m["heatmap"]["tumour_auroc_other_layer"] == pytest.approx(sum(other) / len(other))
     assert set(m["headline"]) == {"auroc_macro", "c_index"}
     assert m["subtype_linear"]["both"]["auroc_macro"]["mean"] is not None
     assert set(m["demo"]["stage_seconds"]) == set(STAGES)
     md = (out / "report.md").read_text()
     assert "Does it learn?" in md and "heatmap" in md
+    if other:
+        assert "TransMIL **first** layer" in md
     assert (out / "evaluation" / "figures" / "heatmap_vs_tumour.png").is_file()
     b = load_bundle(out / "demo.mirror")
     assert b.input_kinds == ("slide", "rna", "both")

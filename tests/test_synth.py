@@ -134,6 +134,26 @@ def test_render_matches_written_mask_and_is_deterministic():
     assert not np.array_equal(a.rgb, other.rgb)
 
 
+def test_risk_changes_lymphocytes_inside_the_tumour_only():
+    """The generative model puts the risk-dependent lymphocytes (TILs) in the tumour region:
+    with everything else equal, a higher ``til_factor`` darkens the tumour with more small dark
+    nuclei and leaves every pixel away from the tumour unchanged (the stroma carries only
+    per-slide nuisance, independent of the patient)."""
+    from scipy import ndimage as ndi
+
+    def job(til):
+        return synth._SlideJob(0, "x", "glandular", 0.4, 0.5, til, (3, 1, 4, 1), 1024, 0.5)
+
+    few, many = synth.render_slide(job(0.2)), synth.render_slide(job(5.0))
+    np.testing.assert_array_equal(few.tumour_half, many.tumour_half)
+    tumour = np.repeat(np.repeat(few.tumour_half, 2, 0), 2, 1)
+    near = ndi.binary_dilation(tumour, iterations=12)  # nuclei reach a few px past the border
+    assert (~near).sum() > 0.3 * near.size
+    np.testing.assert_array_equal(few.rgb[~near], many.rgb[~near])
+    dark = lambda im: (im.mean(axis=-1) < 110)  # noqa: E731  (haematoxylin-dense pixels)
+    assert dark(many.rgb)[tumour].mean() > dark(few.rgb)[tumour].mean() + 0.01
+
+
 def test_same_seed_same_bytes_any_worker_count(tmp_path):
     a = synth.synthesize_cohort(
         tmp_path / "a", n_patients=2, seed=5, slide_px=512, n_genes=30, subtypes=("lum", "sol")

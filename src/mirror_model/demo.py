@@ -32,12 +32,13 @@ Stable keys of ``DIR/metrics.json`` (besides evaluate's ``task → input → met
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,25 +473,33 @@ def heatmap_tumour_auroc(
             model_cache.clear()
             model_cache[k] = load_fold_model(run_dir, k, device).model
         ff = read_features(paths[sid])
+        x = torch.from_numpy(ff.features).unsqueeze(0)
+        model = model_cache[k]
         with torch.no_grad():
-            enc = model_cache[k].encode_slide(torch.from_numpy(ff.features).unsqueeze(0))
-        att = enc.attention.float().numpy()[0].astype(np.float64)
+            att = model.encode_slide(x).attention.float().numpy()[0].astype(np.float64)
         frac = tile_tumour_fraction(
             _read_mask(mp), ff.coords_level0, ff.patch_size_level0, mask_downsample
         )
         lab = frac >= threshold
         auc = _auroc(lab, att)
-        records.append(
-            {
-                "fold": int(k),
-                "slide_id": sid,
-                "n_tiles": int(att.size),
-                "n_tumour_tiles": int(lab.sum()),
-                "auroc": None if np.isnan(auc) else auc,
-                "attention_mass_on_tumour": float(att[lab].sum() / max(att.sum(), 1e-12)),
-                "tumour_tile_fraction": float(lab.mean()),
-            }
-        )
+        rec: dict[str, Any] = {
+            "fold": int(k),
+            "slide_id": sid,
+            "n_tiles": int(att.size),
+            "n_tumour_tiles": int(lab.sum()),
+            "auroc": None if np.isnan(auc) else auc,
+            "attention_mass_on_tumour": float(att[lab].sum() / max(att.sum(), 1e-12)),
+            "tumour_tile_fraction": float(lab.mean()),
+        }
+        other = _other_heatmap_layer(model)
+        if other is not None:  # TransMIL: the row of the other layer, for comparison
+            rec["heatmap_layer"] = model.slide_encoder.heatmap_layer
+            with _heatmap_layer_set(model, other), torch.no_grad():
+                att_o = model.encode_slide(x).attention.float().numpy()[0].astype(np.float64)
+            auc_o = _auroc(lab, att_o)
+            rec["other_layer"] = other
+            rec["auroc_other_layer"] = None if np.isnan(auc_o) else auc_o
+        records.append(rec)
         report(progress, i + 1, len(jobs), "heatmap vs tumour mask")
     aucs = np.array([r["auroc"] for r in records if r["auroc"] is not None], dtype=np.float64)
     per_fold = {}
@@ -498,7 +507,11 @@ def heatmap_tumour_auroc(
         v = [r["auroc"] for r in records if r["fold"] == k and r["auroc"] is not None]
         per_fold[str(k)] = float(np.mean(v)) if v else None
     scored = [r for r in records if r["auroc"] is not None]
+    other = [r["auroc_other_layer"] for r in scored if r.get("auroc_other_layer") is not None]
     return {
+        "heatmap_layer": scored[0].get("heatmap_layer") if scored else None,
+        "other_layer": scored[0].get("other_layer") if scored else None,
+        "tumour_auroc_other_layer": float(np.mean(other)) if other else None,
         "tumour_auroc": float(aucs.mean()) if aucs.size else None,
         "tumour_auroc_sd": float(aucs.std(ddof=1)) if aucs.size > 1 else None,
         "tumour_auroc_median": float(np.median(aucs)) if aucs.size else None,
@@ -520,6 +533,24 @@ def heatmap_tumour_auroc(
         ),
         "slides": records,
     }
+
+
+def _other_heatmap_layer(model: Any) -> str | None:
+    """The TransMIL layer whose CLS row is *not* the model's heatmap (None for other encoders)."""
+    layer = getattr(getattr(model, "slide_encoder", None), "heatmap_layer", None)
+    return {"first": "last", "last": "first"}.get(layer) if isinstance(layer, str) else None
+
+
+@contextlib.contextmanager
+def _heatmap_layer_set(model: Any, layer: str) -> Iterator[None]:
+    """Temporarily read the heatmap from ``layer`` (the weights and the embedding are unchanged)."""
+    enc = model.slide_encoder
+    before = enc.heatmap_layer
+    enc.heatmap_layer = layer
+    try:
+        yield
+    finally:
+        enc.heatmap_layer = before
 
 
 def _heatmap_figure(
@@ -925,6 +956,17 @@ def _write_report(
         f"fold: {', '.join(f'{k}: {_fmt(v)}' for k, v in (hm.get('per_fold') or {}).items())}.",
         "",
     ]
+    if hm.get("heatmap_layer") and hm.get("tumour_auroc_other_layer") is not None:
+        lines += [
+            f"The heatmap is the CLS attention row of the TransMIL **{hm['heatmap_layer']}** "
+            f"layer. The {hm['other_layer']} layer's row scores "
+            f"{_fmt(hm['tumour_auroc_other_layer'])} on the same slides (the authors map the "
+            "last layer's row, whose keys are tokens already mixed with their neighbours by the "
+            "value convolution and PPEG; see `mirror_model.models.transmil`). Which tissue the "
+            "CLS token attends to is not fixed by the self-supervised objective: read the "
+            "heatmap as *where the model looks*, not as a tumour segmentation.",
+            "",
+        ]
     if hm.get("figure"):
         lines += [
             "### Attention heatmaps of held-out slides",

@@ -695,11 +695,13 @@ def render_slide(job: _SlideJob, keep_stains: bool = False) -> RenderedSlide:
     lymph = _nucleus_bank(
         rng, 24, (5.5 * s, 7.0 * s), (5.0 * s, 6.5 * s), (1.35, 1.65), texture=0.15
     )
-    # tumour-infiltrating lymphocytes (risk-dependent) and stromal ones (nuisance density)
-    ly, lx = _poisson_points(rng, tumour_h, N, job.til_factor / (95.0 * s) ** 2)
+    # stromal lymphocytes (nuisance density) and tumour-infiltrating ones (risk-dependent); the
+    # TILs draw from their own stream so the patient's risk leaves the rest of the slide unchanged
+    til_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
     sy, sx = _poisson_points(rng, tissue_h & ~tumour_h, N, math.exp(0.5 * n_lym) / (95.0 * s) ** 2)
-    ly, lx = np.concatenate([ly, sy]), np.concatenate([lx, sx])
-    _stamp_max(H, ly, lx, lymph, rng.integers(0, len(lymph), len(ly)))
+    _stamp_max(H, sy, sx, lymph, rng.integers(0, len(lymph), len(sy)))
+    ty, tx = _poisson_points(til_rng, tumour_h, N, job.til_factor / (95.0 * s) ** 2)
+    _stamp_max(H, ty, tx, lymph, til_rng.integers(0, len(lymph), len(ty)))
     del w, noise_h
 
     # ---- colour: Beer-Lambert through a lookup table
