@@ -13,8 +13,9 @@ What happens
 ------------
 Slide (``slide_path``): the slide is tiled with the bundle's tiling (``target_mpp``, ``tile_px``,
 tissue threshold), every tile is encoded in memory with the bundle's patch encoder, and the
-slide encoder gives the slide embedding and one attention weight per tile (CLS attention of
-the last layer, averaged over heads; sums to 1 over the tiles). Precomputed features
+slide encoder gives the slide embedding and one attention weight per tile (TransMIL: the CLS
+attention row of the layer named by the model's ``heatmap_layer``, by default the first, whose
+keys are the tiles themselves; averaged over heads; sums to 1 over the tiles). Precomputed features
 (``features_path``, a ``.h5`` from ``mirror-train extract``/CLAM/TRIDENT) skip the tiling and
 encoding; they must come from the bundle's patch encoder (checked).
 

@@ -1225,7 +1225,8 @@ no patient information. Everything below is deterministic for the seed.
 - `generative_model.json`: all parameters and the role of every gene.
 
 Model: a latent risk r ~ N(0, 1) per patient raises tumour fraction, grade (nuclear size,
-pleomorphism, density) and lowers lymphocyte density on the slides; shifts the risk genes
+pleomorphism, density) and lowers the density of lymphocytes inside the tumour (the stroma
+around it varies per slide, independently of the patient); shifts the risk genes
 (+-{cfg.risk_loading} log-fold per SD); and sets the hazard h(t) = lambda0 k t^(k-1)
 exp({cfg.beta_risk} r + gamma_subtype) (Weibull k = {cfg.weibull_shape}, median
 {cfg.baseline_median_months:g} months at r = 0), with independent uniform censoring on
