@@ -59,11 +59,17 @@ def moore_penrose_pinv(x: Tensor, iterations: int = 6) -> Tensor:
         norm_1 = abs_x.sum(dim=-2).amax(dim=-1)  # max column sum
         norm_inf = abs_x.sum(dim=-1).amax(dim=-1)  # max row sum
         z = x.transpose(-1, -2) / (norm_1 * norm_inf)[..., None, None]
+        shape, m = x.shape, x.shape[-1]
+        eye = torch.eye(m, dtype=x.dtype, device=x.device)
+        # cI − XZ·T as one fused product-and-add (baddbmm broadcasts the m×m cI): no negation pass
+        n_mat = x[..., 0, 0].numel()
+        eye15, eye13 = (eye * 15.0).expand(n_mat, m, m), (eye * 13.0).expand(n_mat, m, m)
         for _ in range(iterations):
             xz = x @ z
+            xz3 = xz.reshape(-1, m, m)
             t = _minus_plus_diag(xz, 7.0)  # 7I - XZ
-            t = _minus_plus_diag(xz @ t, 15.0)  # 15I - XZ(7I - XZ)
-            t = _minus_plus_diag(xz @ t, 13.0)  # 13I - XZ(...)
+            t = torch.baddbmm(eye15, xz3, t.reshape(-1, m, m), alpha=-1.0)  # 15I - XZ(7I - XZ)
+            t = torch.baddbmm(eye13, xz3, t, alpha=-1.0).reshape(shape)  # 13I - XZ(...)
             z = (z @ t).mul_(0.25)
     return z
 
