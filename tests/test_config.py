@@ -104,6 +104,8 @@ def test_replace_and_overrides_validate():
         ({"embed_dim": 100, "slide_heads": 8}, "slide_heads"),  # 100 is not divisible by 8
         ({"logit_scale_max": 10.0}, "logit_scale_init"),  # exp(init) = 14.3 > 10
         ({"retention_stop_gradient": "yes"}, "retention_stop_gradient"),
+        ({"nystrom_exact_when_short": 1}, "nystrom_exact_when_short"),
+        ({"heatmap_layer": "middle"}, "heatmap_layer"),
         ({"style_hidden_dims": ()}, "style_hidden_dims"),
     ],
 )
