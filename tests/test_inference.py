@@ -61,6 +61,9 @@ def test_slide_only(case):
     assert {"patch_features", "slide_encoder", "heads", "total"} <= set(pred.timings_s)
     top = pred.top_tiles(3)
     assert np.all(np.diff(pred.attention[top]) <= 0)
+    # the report says what the map is: this bundle's config reads the first TransMIL layer
+    assert case.bundle.config.heatmap_layer == "first"
+    assert "first TransMIL layer" in pred.to_dict()["slide"]["attention_source"]
 
 
 def test_rna_only(case):

@@ -100,6 +100,8 @@ class Prediction:
         Side of a tile in level-0 pixels.
     attention : np.ndarray or None
         ``[N]`` float64 attention per tile (non-negative, sums to 1), None without a slide.
+    attention_source : str or None
+        What ``attention`` is, in words (e.g. the CLS row of TransMIL's first layer).
     subtype_probabilities : dict[str, float] or None
         Class → probability (sums to 1), in the bundle's class order; None without a head.
     predicted_subtype : str or None
@@ -148,6 +150,7 @@ class Prediction:
     coords_level0: np.ndarray | None = None
     tile_size_level0: int | None = None
     attention: np.ndarray | None = None
+    attention_source: str | None = None
     subtype_probabilities: dict[str, float] | None = None
     predicted_subtype: str | None = None
     risk_score: float | None = None
@@ -259,6 +262,7 @@ class Prediction:
                 "target_mpp": self.target_mpp,
                 "tile_px": self.tile_px,
                 "patch_encoder": self.patch_encoder,
+                "attention_source": self.attention_source,
                 "top_tiles": [
                     {
                         "tile": int(i),
@@ -531,6 +535,7 @@ def predict(
         att = np.clip(att, 0.0, None)
         s = att.sum()
         pred.attention = att / s if s > 0 else np.full(att.shape, 1.0 / max(att.size, 1))
+        pred.attention_source = _describe_attention(model)
         modalities.append("slide")
         report(progress, 1, 1, "slide encoder")
 
@@ -758,6 +763,18 @@ def _check_coords_fit(pred: Prediction, features_path: Any, slide_path: Any) -> 
             f"{features_path}: tile coordinates reach ({int(mx[0])}, {int(mx[1])}) but the slide "
             f"{slide_path} is only {w} x {h} pixels: the feature file belongs to another slide."
         )
+
+
+def _describe_attention(model: Any) -> str:
+    """What the per-tile attention of ``model``'s slide encoder is, in one sentence."""
+    enc = getattr(model, "slide_encoder", model)
+    layer = getattr(enc, "heatmap_layer", None)
+    if layer is not None:
+        return (
+            f"CLS attention row of the {layer} TransMIL layer, averaged over heads, "
+            "over the slide's tiles (sums to 1)"
+        )
+    return "gated-attention (ABMIL) weights over the slide's tiles (sum to 1)"
 
 
 def _apply_heads(bundle: Any, pred: Prediction, modalities: tuple[str, ...]) -> None:
