@@ -171,8 +171,9 @@ def test_dense_and_masked_landmarks_agree(length, landmarks):
     assert torch.allclose(sums.sum(dim=2), t.sum(dim=2), atol=1e-10)
 
 
-def test_nystrom_runs_under_bf16_autocast():
-    layer = NystromAttention(16, heads=2, landmarks=4)
+@pytest.mark.parametrize("landmarks", [4, 16])  # 16: the second sample takes the exact path
+def test_nystrom_runs_under_bf16_autocast(landmarks):
+    layer = NystromAttention(16, heads=2, landmarks=landmarks)
     x = torch.randn(2, 30, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(

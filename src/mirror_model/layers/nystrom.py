@@ -250,14 +250,11 @@ class NystromAttention(nn.Module):
         h, d = self.heads, self.head_dim
         if lengths is not None and bool((lengths >= length).all()):
             lengths = None
-        if self.exact_when_short:
-            valid_n = (
-                torch.full((bsz,), length, device=x.device) if lengths is None else lengths
-            )
-            short = valid_n <= self.landmarks
-            if bool(short.all()):
+        if self.exact_when_short:  # per sample: at most m valid tokens -> exact attention
+            short = None if lengths is None else lengths <= self.landmarks
+            if (length <= self.landmarks) if short is None else bool(short.all()):
                 return self._forward_exact(x, lengths, cls_key_mask, cls_only)
-            if bool(short.any()):
+            if short is not None and bool(short.any()):
                 return self._forward_split(x, lengths, cls_key_mask, cls_only, short)
         if cls_only:
             return self._forward_cls(x, lengths, cls_key_mask)
