@@ -19,7 +19,7 @@ from _plugin_helpers import (
 )
 
 from napari_mirror._layers import METADATA_KEY
-from napari_mirror._run import clear_bundle_cache
+from napari_mirror._run import RunRequest, clear_bundle_cache, run_prediction
 
 pytestmark = pytest.mark.gui
 
@@ -330,6 +330,59 @@ def test_slide_only_run_from_feature_file(
     assert widget.top_list.item(0).text().startswith(
         f"#1  x={pred.coords_level0[best, 0]}, y={pred.coords_level0[best, 1]}"
     )
+
+
+def test_slide_without_resolution_opens_at_the_panels_mpp_and_runs(
+    make_napari_viewer, qtbot, bundle, demo_case, tmp_path
+):
+    """A TIFF with no resolution tags is refused with a message that says what to set; with
+    'µm per pixel' set, it opens at that scale and the run tiles it at that resolution (same
+    tiles as the original slide, which carries 0.5 µm/px in its metadata)."""
+    import tifffile
+
+    from mirror_model.slide import open_slide
+    from napari_mirror._widget import MirrorWidget
+
+    with open_slide(demo_case.slide_path) as ref:
+        assert ref.mpp == pytest.approx(0.5)
+        level0 = ref.read_region((0, 0), 0, ref.dimensions)
+    bare = tmp_path / "no_resolution.tif"
+    with tifffile.TiffWriter(bare) as tw:  # pyramidal, tiled, but no resolution tags at all
+        img = level0
+        for i in range(3):
+            tw.write(img, tile=(256, 256), photometric="rgb", compression="zlib",
+                     subfiletype=1 if i else 0)
+            img = img[::4, ::4]
+    with pytest.raises(Exception, match="µm per pixel is unknown"):
+        open_slide(bare)
+
+    viewer = make_napari_viewer()
+    widget = MirrorWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MIRROR")
+    widget.set_device("cpu")
+    widget.set_bundle_file(bundle.path)
+    widget.set_expression_file(None)
+    assert widget.open_slide_file(str(bare)) is None
+    assert len(viewer.layers) == 0
+    assert "µm per pixel is unknown" in widget.status_label.text()
+    assert "Set 'µm per pixel' in this panel" in widget.status_label.text()
+
+    widget.mpp_spin.setValue(0.5)
+    layer = widget.open_slide_file(str(bare))
+    assert layer is not None and widget.selected_slide_layer() is layer
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
+    assert layer.metadata["mirror"]["mpp_source"] == "user"
+    assert "0.5 µm/px (given in this panel)" in widget.status_label.text()
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert widget.last_error is None
+    pred = widget.last_result.prediction
+    assert pred.slide_mpp == pytest.approx(0.5)
+    original = run_prediction(
+        RunRequest(bundle_path=bundle.path, slide_path=str(demo_case.slide_path), device="cpu")
+    ).prediction
+    np.testing.assert_array_equal(pred.coords_level0, original.coords_level0)
+    assert widget.heatmap_layer is not None
 
 
 def test_rna_only_run_says_so_and_draws_no_heatmap(make_napari_viewer, qtbot, bundle, demo_case):

@@ -142,6 +142,24 @@ class MirrorWidget(QWidget):
         self.slide_combo.currentIndexChanged.connect(self._on_slide_changed)
         form.addRow("Slide layer", self.slide_combo)
 
+        # Files without resolution metadata cannot be opened silently at a guessed scale: the
+        # user states the level-0 µm per pixel here and opens the slide through the panel.
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setRange(0.0, 100.0)
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setSingleStep(0.05)
+        self.mpp_spin.setSuffix(" µm/px")
+        self.mpp_spin.setSpecialValueText("from the file")
+        self.mpp_spin.setValue(0.0)
+        self.mpp_spin.setToolTip(
+            "Level-0 resolution used when opening a slide with 'Open slide…'. Keep 'from the "
+            "file' unless the file has no resolution metadata (0.25 for a 40x scan, 0.5 for 20x)."
+        )
+        btn = QPushButton("Open slide…")
+        btn.setToolTip("Open a slide file as a layer, at the resolution on the left.")
+        btn.clicked.connect(self._browse_slide)
+        form.addRow("µm per pixel", _browse_row(self.mpp_spin, btn))
+
         self.features_edit = QLineEdit()
         self.features_edit.setPlaceholderText("optional: precomputed features (.h5)")
         self.features_edit.setToolTip(
@@ -298,7 +316,8 @@ class MirrorWidget(QWidget):
         if not names and self._foreign_slide_layers():
             self.status_label.setText(
                 "A slide was opened by another reader (no physical scale). Open it with "
-                "File ▸ Open File(s) and choose 'napari-mirror' so it can be analysed."
+                "'Open slide…' in this panel (set 'µm per pixel' first if the file has no "
+                "resolution metadata) so it can be analysed."
             )
 
     def _foreign_slide_layers(self) -> list[Any]:
@@ -425,7 +444,8 @@ class MirrorWidget(QWidget):
             expression_path=expr,
             sample_id=(self.sample_combo.currentText() or None) if expr else None,
             device=self.device_combo.currentText(),
-            mpp=None,
+            # a resolution the user gave when opening the slide must reach the tiling too
+            mpp=float(meta["mpp"]) if meta.get("mpp_source") == "user" else None,
         )
 
     def display(self) -> HeatmapDisplay:
@@ -725,6 +745,41 @@ class MirrorWidget(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Model bundle", "", "MIRROR bundle (*.mirror);;All files (*)")
         if path:
             self.set_bundle_file(path)
+
+    def open_slide_file(self, path: str) -> Any | None:
+        """Open ``path`` as a slide layer at the panel's µm/px (or the file's own), select it.
+
+        Returns the new layer, or None after showing why the file could not be opened.
+        """
+        from mirror_model.errors import MirrorError
+
+        from .._layers import slide_layer_data
+
+        mpp = float(self.mpp_spin.value()) or None
+        try:
+            data, kwargs, _ = slide_layer_data(path, mpp=mpp)
+        except MirrorError as exc:
+            hint = (
+                " Set 'µm per pixel' in this panel and open the slide again."
+                if mpp is None and "µm per pixel is unknown" in str(exc)
+                else ""
+            )
+            self.status_label.setText(f"{exc}{hint}")
+            return None
+        layer = self.viewer.add_image(data, **kwargs)
+        self.refresh_slide_layers()
+        self.slide_combo.setCurrentText(layer.name)
+        source = "given in this panel" if mpp is not None else "from the file"
+        self.status_label.setText(f"Opened {layer.name} at {float(kwargs['scale'][0]):g} µm/px ({source}).")
+        return layer
+
+    def _browse_slide(self) -> None:
+        from .._reader import SLIDE_SUFFIXES
+
+        pattern = " ".join(f"*{suffix}" for suffix in SLIDE_SUFFIXES)
+        path, _ = QFileDialog.getOpenFileName(self, "Slide", "", f"Slides ({pattern});;All files (*)")
+        if path:
+            self.open_slide_file(path)
 
     def _browse_features(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Patch features", "", "Features (*.h5 *.hdf5);;All files (*)")
