@@ -330,6 +330,8 @@ def test_ctrl_c_checkpoints_and_resume_continues(toy, tmp_path):
         return False
 
     run = tmp_path / "run"
+    # default_int_handler normally; SIG_IGN when the test process was started in the background
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Cancelled, match="stopped at epoch 1, step 0"):
         pretrain(
             toy.cohort,
@@ -340,7 +342,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(toy, tmp_path):
             model_overrides=TINY_MODEL,
             should_stop=press_ctrl_c,
         )
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
     state = load_checkpoint(run / "fold_0" / "last.ckpt")["train_state"]
     assert (state.epoch, state.global_step) == (1, 2)
     res = pretrain(
