@@ -276,10 +276,8 @@ class NystromAttention(nn.Module):
             q, k_l.to(q.dtype), mixed.to(q.dtype), attn_mask=lm_mask, scale=scale
         )
 
-        if self.res_conv is not None:
-            v_in = v if key_valid is None else v * key_valid[:, None, :, None].to(v.dtype)
-            # channels_last is the fastest layout for this depthwise conv on CPU (measured)
-            conv = self.res_conv(v_in.contiguous(memory_format=torch.channels_last))
+        conv = self._value_conv(v, key_valid, cls_only=False)
+        if conv is not None:
             # in place when no gradient is needed (inference): one [B, h, L, d] buffer less
             out = out + conv if out.requires_grad else out.add_(conv)
 
@@ -289,28 +287,48 @@ class NystromAttention(nn.Module):
             out=out, cls_attention=self._cls_attention(q[:, :, :1], k, cls_key_mask)
         )
 
+    def _queries(self, t: Tensor) -> Tensor:
+        """Queries ``[B, h, n, d]`` of the (normed) tokens ``t [B, n, D]``."""
+        bsz, n, _ = t.shape
+        q = F.linear(t, self.to_qkv.weight[: self.dim])
+        return q.reshape(bsz, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def _keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, h, L, d]`` of ``x [B, L, D]`` (without computing the queries)."""
+        bsz, length, _ = x.shape
+        kv = F.linear(x, self.to_qkv.weight[self.dim :])
+        k, v = kv.reshape(bsz, length, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def _value_conv(self, v: Tensor, key_valid: Tensor | None, cls_only: bool) -> Tensor | None:
+        """The depthwise value convolution (residual) over the valid values, ``[B, h, L, d]``, or
+        only its position 0 (``[B, h, 1, d]``) when ``cls_only``; None when it is off."""
+        if self.res_conv is None:
+            return None
+        if cls_only:  # position 0 of the sequence convolution sees only the first k//2 + 1 values
+            v = v[:, :, : self.res_conv.kernel_size[0] // 2 + 1]
+        if key_valid is not None:
+            v = v * key_valid[:, None, : v.shape[2], None].to(v.dtype)
+        if cls_only:
+            return self.res_conv(v)[:, :, :1]
+        # channels_last is the fastest layout for this depthwise conv on CPU (measured)
+        return self.res_conv(v.contiguous(memory_format=torch.channels_last))
+
     def _forward_exact(
         self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None, cls_only: bool
     ) -> NystromResult:
         """Exact softmax attention for samples with at most ``landmarks`` valid tokens."""
-        bsz, length, dim = x.shape
-        h, d = self.heads, self.head_dim
+        bsz, length, _ = x.shape
         key_valid = _key_valid(length, lengths, x.device)
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
-        w = self.to_qkv.weight
-        kv = F.linear(x, w[dim:])
-        k, v = kv.reshape(bsz, length, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
+        k, v = self._keys_values(x)
         n_q = 1 if cls_only else length
-        q = F.linear(x[:, :n_q], w[:dim]).reshape(bsz, n_q, h, d).transpose(1, 2)
+        q = self._queries(x[:, :n_q])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=self.scale)
-        if self.res_conv is not None:
-            v_in = v if key_valid is None else v * key_valid[:, None, :, None].to(v.dtype)
-            if cls_only:  # position 0 of the convolution sees only the first k//2 + 1 values
-                conv = self.res_conv(v_in[:, :, : self.res_conv.kernel_size[0] // 2 + 1])[:, :, :1]
-            else:
-                conv = self.res_conv(v_in.contiguous(memory_format=torch.channels_last))
+        conv = self._value_conv(v, key_valid, cls_only)
+        if conv is not None:
             out = out + conv
-        out = self.dropout(self.to_out(out.transpose(1, 2).reshape(bsz, n_q, h * d)))
+        out = self.dropout(self.to_out(out.transpose(1, 2).reshape(bsz, n_q, self.dim)))
         return NystromResult(out=out, cls_attention=self._cls_attention(q[:, :, :1], k, cls_key_mask))
 
     def _forward_split(
@@ -392,32 +410,24 @@ class NystromAttention(nn.Module):
         self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None
     ) -> NystromResult:
         """Output at position 0 only; see ``cls_only`` in :meth:`forward`."""
-        bsz, length, dim = x.shape
-        h, d = self.heads, self.head_dim
-        w = self.to_qkv.weight
-        w_q = w[:dim]
-        kv = F.linear(x, w[dim:])
-        k, v = kv.reshape(bsz, length, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
-        q_cls = F.linear(x[:, :1], w_q).reshape(bsz, 1, h, d).transpose(1, 2)  # [B, h, 1, d]
+        bsz, length, _ = x.shape
+        k, v = self._keys_values(x)
+        q_cls = self._queries(x[:, :1])  # [B, h, 1, d]
         # query landmarks = W_q · (segment means of x), by linearity of the projection
         key_valid = _key_valid(length, lengths, x.device)
         x_l, lm_valid = self._landmarks(x.unsqueeze(1), lengths)
         k_l, _ = self._landmarks(k, lengths)
-        m = x_l.shape[2]
-        q_l = F.linear(x_l.squeeze(1), w_q).reshape(bsz, m, h, d).transpose(1, 2)  # [B, h, m, d]
+        q_l = self._queries(x_l.squeeze(1))  # [B, h, m, d]
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
         lm_mask = None if lm_valid is None else lm_valid[:, None, None, :]
         mixed = self._mixed_values(q_l, k_l, k, v, lm_valid, key_mask)
         out = F.scaled_dot_product_attention(
             q_cls, k_l.to(q_cls.dtype), mixed.to(q_cls.dtype), attn_mask=lm_mask, scale=self.scale
         )  # [B, h, 1, d]
-        if self.res_conv is not None:
-            # position 0 of the sequence convolution sees only the first k//2 + 1 values
-            first = v[:, :, : self.res_conv.kernel_size[0] // 2 + 1]
-            if key_valid is not None:
-                first = first * key_valid[:, None, : first.shape[2], None].to(first.dtype)
-            out = out + self.res_conv(first)[:, :, :1]
-        out = self.dropout(self.to_out(out.transpose(1, 2).reshape(bsz, 1, h * d)))
+        conv = self._value_conv(v, key_valid, cls_only=True)
+        if conv is not None:
+            out = out + conv
+        out = self.dropout(self.to_out(out.transpose(1, 2).reshape(bsz, 1, self.dim)))
         return NystromResult(out=out, cls_attention=self._cls_attention(q_cls, k, cls_key_mask))
 
 
