@@ -33,6 +33,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = [
+    "HEATMAP_LAYERS",
     "LOSS_NAMES",
     "PRESETS",
     "ModelConfig",
@@ -45,6 +46,8 @@ LOSS_NAMES: tuple[str, ...] = ("align", "ret_slide", "ret_rna", "style", "cluste
 
 _SLIDE_ENCODERS = ("transmil", "abmil")
 _RNA_ENCODERS = ("mirror", "mlp")
+#: TransMIL layers whose CLS attention row can be the heatmap (``ModelConfig.heatmap_layer``).
+HEATMAP_LAYERS: tuple[str, ...] = ("first", "last")
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,8 @@ def _validate(c: ModelConfig) -> None:
         raise bad("n_prototypes", "must be an integer >= 2")
     if c.slide_encoder not in _SLIDE_ENCODERS:
         raise bad("slide_encoder", f"must be one of {', '.join(_SLIDE_ENCODERS)}")
-    if c.heatmap_layer not in ("first", "last"):
-        raise bad("heatmap_layer", "must be 'first' or 'last'")
+    if c.heatmap_layer not in HEATMAP_LAYERS:
+        raise bad("heatmap_layer", f"must be one of {', '.join(HEATMAP_LAYERS)}")
     if c.rna_encoder not in _RNA_ENCODERS:
         raise bad("rna_encoder", f"must be one of {', '.join(_RNA_ENCODERS)}")
     for name in ("ppeg_kernels", "rna_mlp_hidden_dims", "style_hidden_dims"):

@@ -537,8 +537,12 @@ def heatmap_tumour_auroc(
 
 def _other_heatmap_layer(model: Any) -> str | None:
     """The TransMIL layer whose CLS row is *not* the model's heatmap (None for other encoders)."""
+    from .config import HEATMAP_LAYERS
+
     layer = getattr(getattr(model, "slide_encoder", None), "heatmap_layer", None)
-    return {"first": "last", "last": "first"}.get(layer) if isinstance(layer, str) else None
+    if layer not in HEATMAP_LAYERS:
+        return None
+    return next(name for name in HEATMAP_LAYERS if name != layer)
 
 
 @contextlib.contextmanager
