@@ -353,7 +353,9 @@ def test_slide_without_resolution_opens_at_the_panels_mpp_and_runs(
             tw.write(img, tile=(256, 256), photometric="rgb", compression="zlib",
                      subfiletype=1 if i else 0)
             img = img[::4, ::4]
-    with pytest.raises(Exception, match="µm per pixel is unknown"):
+    from mirror_model.errors import SlideResolutionError
+
+    with pytest.raises(SlideResolutionError, match="µm per pixel is unknown"):
         open_slide(bare)
 
     viewer = make_napari_viewer()

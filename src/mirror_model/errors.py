@@ -15,6 +15,7 @@ __all__ = [
     "FeatureFileError",
     "MirrorError",
     "SlideError",
+    "SlideResolutionError",
     "TrainingError",
 ]
 
@@ -29,6 +30,10 @@ class ConfigError(MirrorError, ValueError):
 
 class SlideError(MirrorError):
     """A slide cannot be opened, has no resolution metadata, or has no tissue."""
+
+
+class SlideResolutionError(SlideError):
+    """A slide has no resolution metadata: its µm per pixel must be given (``mpp=``)."""
 
 
 class FeatureFileError(MirrorError):

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError
+from ..errors import SlideError, SlideResolutionError
 
 __all__ = ["SlideHandle", "open_slide"]
 
@@ -75,8 +75,8 @@ def _check_mpp(value: float, source: str, path: Path) -> float:
     return float(value)
 
 
-def _no_mpp_error(path: Path, detail: str) -> SlideError:
-    return SlideError(
+def _no_mpp_error(path: Path, detail: str) -> SlideResolutionError:
+    return SlideResolutionError(
         f"{path}: the file has no resolution metadata ({detail}), so its µm per pixel is unknown. "
         "Pass it explicitly (mpp=0.25 for a 40x scan, 0.5 for 20x; --mpp on the command line)."
     )

@@ -751,7 +751,7 @@ class MirrorWidget(QWidget):
 
         Returns the new layer, or None after showing why the file could not be opened.
         """
-        from mirror_model.errors import MirrorError
+        from mirror_model.errors import MirrorError, SlideResolutionError
 
         from .._layers import slide_layer_data
 
@@ -761,7 +761,7 @@ class MirrorWidget(QWidget):
         except MirrorError as exc:
             hint = (
                 " Set 'µm per pixel' in this panel and open the slide again."
-                if mpp is None and "µm per pixel is unknown" in str(exc)
+                if isinstance(exc, SlideResolutionError)
                 else ""
             )
             self.status_label.setText(f"{exc}{hint}")
