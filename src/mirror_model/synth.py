@@ -51,8 +51,9 @@ haematoxylin and eosin maps ``H``, ``E`` (quantised OD levels) combined with sta
 per slide, with a +-10 % eosin intensity "batch effect") into RGB ``255 exp(-(H h + E e + bg))``,
 so colour deconvolution recovers them. Stroma: eosin with anisotropic fibre texture and sparse
 elongated fibroblast nuclei along the local fibre direction; lymphocytes scattered over the
-stroma (nuisance density) and inside the tumour (risk-dependent density). Nuclei are stamped from per-slide banks of textured elliptical nuclei whose sizes are
-given in µm, so ``mpp`` changes their size in pixels. Written as a
+stroma (nuisance density) and inside the tumour (risk-dependent density). Nuclei are stamped
+from per-slide banks of textured elliptical nuclei whose sizes are given in µm, so ``mpp``
+changes their size in pixels. Written as a
 pyramidal tiled TIFF (one page per level, downsample 4 between levels, 256-px JPEG tiles,
 resolution tags in cm) that OpenSlide reads with ``openslide.mpp-x = mpp``.
 The ground-truth tumour mask is ``masks/<slide_id>.png`` (255 = tumour, 0 = not), one pixel
