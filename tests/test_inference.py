@@ -64,6 +64,12 @@ def test_slide_only(case):
     # the report says what the map is: this bundle's config reads the first TransMIL layer
     assert case.bundle.config.heatmap_layer == "first"
     assert "first TransMIL layer" in pred.to_dict()["slide"]["attention_source"]
+    # per-tile maps by name; the attention map is the attention, aligned with the coordinates
+    att = pred.maps["attention"]
+    assert att.name == "attention" and att.signed is False and att.label and att.description
+    np.testing.assert_array_equal(att.values, pred.attention)
+    assert att.values.dtype == np.float64 and not att.values.flags.writeable
+    assert att.method == pred.attention_source
 
 
 def test_rna_only(case):
@@ -71,6 +77,7 @@ def test_rna_only(case):
                    device="cpu", precision="fp32")
     assert pred.modalities == ("rna",) and pred.input_kind == "rna"
     assert pred.attention is None and pred.coords_level0 is None and pred.n_tiles == 0
+    assert pred.maps == {}
     assert pred.sample_id == case.sample_id and pred.sample_match == "given"
     _check_probabilities(pred, case.classes)
     _check_risk(pred, case.bundle, "rna")

@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "load_bundle": "mirror_model.bundle",
     "Prediction": "mirror_model.inference",
     "predict": "mirror_model.inference",
+    "TileMap": "mirror_model.maps",
     "default_bundle_path": "mirror_model.bundle",
     # errors
     "MirrorError": "mirror_model.errors",

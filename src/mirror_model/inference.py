@@ -49,9 +49,11 @@ import numpy as np
 
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
+from .maps import TileMap, attention_map
 
 __all__ = [
     "Prediction",
+    "TileMap",
     "match_sample",
     "predict",
     "slide_stem",
@@ -102,6 +104,9 @@ class Prediction:
         ``[N]`` float64 attention per tile (non-negative, sums to 1), None without a slide.
     attention_source : str or None
         What ``attention`` is, in words (e.g. the CLS row of TransMIL's first layer).
+    maps : dict[str, TileMap]
+        Per-tile maps by name, in display order (empty without a slide): ``"attention"``
+        (``maps["attention"].values == attention``), see :mod:`mirror_model.maps`.
     subtype_probabilities : dict[str, float] or None
         Class → probability (sums to 1), in the bundle's class order; None without a head.
     predicted_subtype : str or None
@@ -151,6 +156,7 @@ class Prediction:
     tile_size_level0: int | None = None
     attention: np.ndarray | None = None
     attention_source: str | None = None
+    maps: dict[str, TileMap] = field(default_factory=dict)
     subtype_probabilities: dict[str, float] | None = None
     predicted_subtype: str | None = None
     risk_score: float | None = None
@@ -536,6 +542,8 @@ def predict(
         s = att.sum()
         pred.attention = att / s if s > 0 else np.full(att.shape, 1.0 / max(att.size, 1))
         pred.attention_source = _describe_attention(model)
+        att_map = attention_map(pred.attention, pred.attention_source)
+        pred.maps[att_map.name] = att_map
         modalities.append("slide")
         report(progress, 1, 1, "slide encoder")
 
