@@ -202,10 +202,11 @@ def test_cancellation_raises_and_leaves_nothing(case):
 def test_cli_predict_writes_report_and_tiles(case, tmp_path, capsys):
     from mirror_model.cli import main
 
-    out, tiles = tmp_path / "report.json", tmp_path / "tiles.csv"
+    out, tiles, geo = tmp_path / "report.json", tmp_path / "tiles.csv", tmp_path / "tiles.geojson"
     rc = main(["predict", "--bundle", str(case.path), "--features", str(case.features_path),
                "--expression", str(case.expression_path), "--out", str(out), "--tiles-csv",
-               str(tiles), "--quiet", "--device", "cpu", "--precision", "fp32"])
+               str(tiles), "--geojson", str(geo), "--quiet", "--device", "cpu",
+               "--precision", "fp32"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "subtype:" in text and "risk score:" in text and "slide + rna" in text
@@ -214,10 +215,28 @@ def test_cli_predict_writes_report_and_tiles(case, tmp_path, capsys):
     assert rep["model"]["bundle_sha256"] == __import__("hashlib").sha256(
         case.path.read_bytes()).hexdigest()
     assert sum(rep["subtype"]["probabilities"].values()) == pytest.approx(1.0)
-    rows = tiles.read_text().strip().splitlines()
-    assert rows[0].startswith("tile,x_level0,y_level0,size_level0,attention")
-    att = np.array([float(r.split(",")[4]) for r in rows[1:]])
-    assert att.sum() == pytest.approx(1.0, abs=1e-5) and len(att) == rep["slide"]["n_tiles"]
+    import pandas as pd
+
+    table = pd.read_csv(tiles)
+    maps = list(rep["slide"]["maps"])
+    assert maps[0] == "attention"
+    assert list(table.columns) == [
+        "tile_index", "x_level0", "y_level0", "tile_size_level0", "centre_x_um", "centre_y_um",
+        *[c for m in maps for c in (m, f"{m}_rank", f"{m}_percentile")]]
+    assert len(table) == rep["slide"]["n_tiles"]
+    assert table["attention"].sum() == pytest.approx(1.0, abs=1e-5)
+    size = rep["slide"]["tile_size_level0"]
+    np.testing.assert_allclose(table["centre_x_um"], (table["x_level0"] + size / 2) * 0.5)
+    for m in maps:  # rank 1 = highest value; percentile 100 = highest
+        top = table.loc[table[f"{m}_rank"] == 1]
+        assert top[m].iloc[0] == table[m].max() and top[f"{m}_percentile"].iloc[0] == 100.0
+        assert sorted(table[f"{m}_rank"]) == list(range(1, len(table) + 1))
+    fc = json.loads(geo.read_text())
+    assert len(fc["features"]) == len(table)
+    f0 = fc["features"][0]
+    x, y = table.loc[0, ["x_level0", "y_level0"]]
+    assert f0["geometry"]["coordinates"][0][:3] == [[x, y], [x + size, y], [x + size, y + size]]
+    assert f0["properties"]["measurements"]["attention"] == pytest.approx(table.loc[0, "attention"])
     # a user error exits with status 2 and one clear line
     assert main(["predict", "--bundle", str(case.path), "--quiet"]) == 2
     assert "nothing to predict from" in capsys.readouterr().err

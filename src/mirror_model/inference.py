@@ -49,7 +49,7 @@ import numpy as np
 
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
-from .maps import TileMap, attention_map
+from .maps import ATTENTION, TileMap, attention_map, rank_tiles
 
 __all__ = [
     "Prediction",
@@ -187,46 +187,110 @@ class Prediction:
     def n_tiles(self) -> int:
         return 0 if self.coords_level0 is None else int(self.coords_level0.shape[0])
 
-    def top_tiles(self, k: int = 10) -> np.ndarray:
-        """Indices of the ``k`` tiles with the highest attention, highest first."""
-        if self.attention is None:
+    def map_values(self, map_name: str = ATTENTION) -> np.ndarray:
+        """``[N]`` values of the map ``map_name`` (a key of :attr:`maps`)."""
+        if not self.maps:
+            raise ConfigError("this prediction has no slide input, so it has no per-tile maps.")
+        if map_name not in self.maps:
+            raise ConfigError(
+                f"this prediction has no map {map_name!r}; it has: {', '.join(self.maps)}."
+            )
+        return self.maps[map_name].values
+
+    def top_tiles(self, k: int = 10, map_name: str = ATTENTION) -> np.ndarray:
+        """Indices of the ``k`` tiles with the highest values of map ``map_name``, highest
+        first (ties: lower tile index first); empty without a slide."""
+        if not self.maps:
             return np.zeros(0, dtype=np.int64)
-        order = np.argsort(-self.attention, kind="stable")
-        return order[: max(0, int(k))].astype(np.int64)
+        rank, _ = rank_tiles(self.map_values(map_name))
+        return np.argsort(rank, kind="stable")[: max(0, int(k))].astype(np.int64)
 
     def tiles_table(self) -> dict[str, np.ndarray]:
-        """Per-tile columns: ``tile``, ``x_level0``, ``y_level0``, ``size_level0``,
-        ``attention``, ``attention_rank`` (1 = highest), ``attention_percentile`` (0–100)."""
-        if self.attention is None or self.coords_level0 is None:
+        """THE per-tile table (the CSV, the GeoJSON and the plugin's exports use it).
+
+        Columns, in order: ``tile_index``; ``x_level0``, ``y_level0`` (top-left corner) and
+        ``tile_size_level0`` in level-0 pixels; ``centre_x_um``, ``centre_y_um`` (tile centre
+        in µm from the slide's top-left corner, NaN when the resolution is unknown); then for
+        every map of :attr:`maps`, in order, ``<name>`` (its value), ``<name>_rank`` (1 =
+        highest, ties by tile index) and ``<name>_percentile`` (0–100, 100 = highest, ties
+        share their mean rank); see :func:`mirror_model.maps.rank_tiles`.
+        """
+        if self.coords_level0 is None or not self.maps:
             raise ConfigError("this prediction has no slide input, so it has no tiles.")
         n = self.n_tiles
-        order = np.argsort(-self.attention, kind="stable")
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(1, n + 1)
-        pct = 100.0 * (n - rank) / max(n - 1, 1)
-        return {
-            "tile": np.arange(n, dtype=np.int64),
-            "x_level0": self.coords_level0[:, 0],
-            "y_level0": self.coords_level0[:, 1],
-            "size_level0": np.full(n, int(self.tile_size_level0 or 0), dtype=np.int64),
-            "attention": self.attention,
-            "attention_rank": rank,
-            "attention_percentile": pct,
+        size = int(self.tile_size_level0 or 0)
+        mpp = float(self.slide_mpp) if self.slide_mpp else math.nan
+        xy = self.coords_level0.astype(np.int64)
+        cols: dict[str, np.ndarray] = {
+            "tile_index": np.arange(n, dtype=np.int64),
+            "x_level0": xy[:, 0],
+            "y_level0": xy[:, 1],
+            "tile_size_level0": np.full(n, size, dtype=np.int64),
+            "centre_x_um": (xy[:, 0] + size / 2.0) * mpp,
+            "centre_y_um": (xy[:, 1] + size / 2.0) * mpp,
         }
+        for name, m in self.maps.items():
+            rank, pct = rank_tiles(m.values)
+            cols[name] = m.values
+            cols[f"{name}_rank"] = rank
+            cols[f"{name}_percentile"] = pct
+        return cols
 
     def write_tiles_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`tiles_table` as CSV (atomically); returns the path."""
+        import csv
+        import io
+
         from ._io import atomic_write_text
 
         cols = self.tiles_table()
-        lines = [",".join(cols)]
-        for i in range(self.n_tiles):
-            lines.append(
-                f"{cols['tile'][i]},{cols['x_level0'][i]},{cols['y_level0'][i]},"
-                f"{cols['size_level0'][i]},{cols['attention'][i]:.8g},"
-                f"{cols['attention_rank'][i]},{cols['attention_percentile'][i]:.3f}"
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(cols)
+        text = {k: _csv_column(v) for k, v in cols.items()}
+        writer.writerows(zip(*text.values(), strict=True))
+        atomic_write_text(path, buf.getvalue())
+        return Path(path)
+
+    def to_geojson(self, object_type: str = "tile") -> dict[str, Any]:
+        """QuPath GeoJSON ``FeatureCollection``: one square polygon per tile in level-0 pixels
+        (covering ``[x, x+s) × [y, y+s)``), every map's value and percentile as measurements
+        (names as in :meth:`tiles_table`)."""
+        if object_type not in ("tile", "detection", "annotation"):
+            raise ConfigError(
+                f"object_type must be 'tile', 'detection' or 'annotation'; got {object_type!r}."
             )
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        cols = self.tiles_table()
+        size = int(self.tile_size_level0 or 0)
+        keys = [k for name in self.maps for k in (name, f"{name}_percentile")]
+        values = {k: np.asarray(cols[k], dtype=np.float64).tolist() for k in keys}
+        features = []
+        for i, (x, y) in enumerate(self.coords_level0.tolist()):
+            ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+            features.append(
+                {
+                    "type": "Feature",
+                    "id": _tile_uuid(self.bundle_sha256, i, x, y),
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": {
+                        "objectType": object_type,
+                        "name": f"tile {i}",
+                        "isLocked": True,
+                        "measurements": {
+                            k: (v[i] if math.isfinite(v[i]) else None) for k, v in values.items()
+                        },
+                    },
+                }
+            )
+        return {"type": "FeatureCollection", "features": features}
+
+    def write_geojson(self, path: str | os.PathLike[str], object_type: str = "tile") -> Path:
+        """Write :meth:`to_geojson` (atomically; QuPath imports it by drag and drop)."""
+        import json
+
+        from ._io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_geojson(object_type)))
         return Path(path)
 
     def to_dict(self, include_tiles: bool = False, top_k: int = 10) -> dict[str, Any]:
@@ -269,17 +333,7 @@ class Prediction:
                 "tile_px": self.tile_px,
                 "patch_encoder": self.patch_encoder,
                 "attention_source": self.attention_source,
-                "top_tiles": [
-                    {
-                        "tile": int(i),
-                        "x_level0": int(self.coords_level0[i, 0]),
-                        "y_level0": int(self.coords_level0[i, 1]),
-                        "attention": float(self.attention[i]),
-                    }
-                    for i in self.top_tiles(top_k)
-                ]
-                if self.coords_level0 is not None
-                else [],
+                "maps": {name: self._map_summary(name, top_k) for name in self.maps},
             },
             "model": {
                 "bundle": self.bundle_name,
@@ -290,12 +344,46 @@ class Prediction:
             "timings_s": dict(self.timings_s),
             "warnings": list(self.warnings),
         }
-        if include_tiles and self.attention is not None and self.coords_level0 is not None:
+        if include_tiles and self.maps and self.coords_level0 is not None:
             d["slide"]["tiles"] = {
                 "coords_level0": self.coords_level0.tolist(),
-                "attention": self.attention.tolist(),
+                **{name: m.values.tolist() for name, m in self.maps.items()},
             }
         return d
+
+    def _map_summary(self, name: str, top_k: int) -> dict[str, Any]:
+        m = self.maps[name]
+        lo, hi = m.display_range()
+        return {
+            "label": m.label,
+            "description": m.description,
+            "signed": m.signed,
+            "method": m.method,
+            "units": m.units,
+            "display_range": [lo, hi],
+            "top_tiles": [
+                {
+                    "tile_index": int(i),
+                    "x_level0": int(self.coords_level0[i, 0]),
+                    "y_level0": int(self.coords_level0[i, 1]),
+                    "value": float(m.values[i]),
+                }
+                for i in self.top_tiles(top_k, name)
+            ],
+        }
+
+
+def _csv_column(v: np.ndarray) -> list[str]:
+    if np.issubdtype(v.dtype, np.integer):
+        return [str(int(x)) for x in v]
+    return ["" if not math.isfinite(x) else f"{x:.8g}" for x in v.tolist()]
+
+
+def _tile_uuid(*parts: object) -> str:
+    # deterministic ids: exporting the same result twice gives identical files
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "napari-mirror:" + ":".join(map(str, parts))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,11 +542,113 @@ def predict(
     Cancelled
         When ``should_stop()`` returned True.
     """
-    from ._device import autocast, resolve_device, resolve_precision
+    from ._device import resolve_device, resolve_precision
     from .bundle import Bundle, load_bundle
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
+    have_slide, have_rna = _check_inputs(
+        bundle, slide_path, features_path, expression_path, expression_values
+    )
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    timer = _Timer()
+    pred = Prediction(
+        modalities=(),
+        input_kind="",
+        slide_path=None if slide_path is None else str(slide_path),
+        features_path=None if features_path is None else str(features_path),
+        expression_path=None if expression_path is None else str(expression_path),
+        bundle_sha256=bundle.sha256,
+        bundle_name=bundle.name,
+        device=str(dev),
+        precision=prec,
+    )
+    run = _Run(bundle, _model_on(bundle, dev), dev, prec, timer, progress, should_stop)
+    modalities: list[str] = []
+    # expression first: it is fast, and a bad table should fail before a long extraction
+    x_rna = None
+    if have_rna:
+        slide_like = slide_path if slide_path is not None else features_path
+        x_rna = _expression_stage(
+            run, pred, expression_path, expression_values, sample_id, slide_like
+        )
+    slide: SlideFeatures | None = None
+    if have_slide:
+        slide = _slide_features(
+            run,
+            slide_path,
+            features_path,
+            mpp=mpp,
+            patch_encoder_weights=patch_encoder_weights,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        slide.fill(pred)
+        pred.target_mpp, pred.tile_px = bundle.target_mpp, bundle.tile_px
+        pred.patch_encoder = bundle.patch_encoder_name
+        _slide_encoder_stage(run, pred, slide)
+        modalities.append("slide")
+    if x_rna is not None:
+        _rna_encoder_stage(run, pred, x_rna)
+        modalities.append("rna")
+    check_cancel(should_stop, "prediction")
+    with timer.stage("heads"):
+        _apply_heads(bundle, pred, tuple(modalities))
+    timer.total()
+    pred.timings_s = timer.t
+    return pred
+
+
+@dataclass
+class _Run:
+    """What every stage of one :func:`predict` call shares."""
+
+    bundle: Any
+    model: Any
+    dev: Any
+    prec: str
+    timer: _Timer
+    progress: ProgressFn | None
+    should_stop: StopFn | None
+
+
+@dataclass
+class SlideFeatures:
+    """A slide's tile features and where the tiles are (the slide stage's result).
+
+    Attributes
+    ----------
+    features : np.ndarray
+        ``[N, D_p]`` float32 tile features from the bundle's patch encoder.
+    coords_level0 : np.ndarray
+        ``[N, 2]`` int64 (x, y) of each tile's top-left corner, level-0 pixels.
+    tile_size_level0 : int or None
+        Side of a tile in level-0 pixels.
+    slide_mpp : float or None
+        Level-0 µm per pixel.
+    slide_dimensions : tuple[int, int] or None
+        Level-0 (width, height).
+    """
+
+    features: np.ndarray
+    coords_level0: np.ndarray
+    tile_size_level0: int | None
+    slide_mpp: float | None
+    slide_dimensions: tuple[int, int] | None
+
+    def fill(self, pred: Prediction) -> None:
+        """Copy the tile geometry into ``pred``."""
+        pred.coords_level0 = self.coords_level0
+        pred.tile_size_level0 = self.tile_size_level0
+        pred.slide_mpp = self.slide_mpp
+        pred.slide_dimensions = self.slide_dimensions
+
+
+def _check_inputs(
+    bundle: Any, slide_path: Any, features_path: Any, expression_path: Any, expression_values: Any
+) -> tuple[bool, bool]:
+    """Which modalities were given (slide, rna); ConfigError for impossible combinations."""
     have_slide = slide_path is not None or features_path is not None
     have_rna = expression_path is not None or expression_values is not None
     if not have_slide and not have_rna:
@@ -478,91 +668,64 @@ def predict(
             f"model bundle {bundle.name} has no RNA heads (no gene list); it predicts from "
             "slides only."
         )
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    model = _model_on(bundle, dev)
-    timer = _Timer()
-    pred = Prediction(
-        modalities=(),
-        input_kind="",
-        slide_path=None if slide_path is None else str(slide_path),
-        features_path=None if features_path is None else str(features_path),
-        expression_path=None if expression_path is None else str(expression_path),
-        bundle_sha256=bundle.sha256,
-        bundle_name=bundle.name,
-        device=str(dev),
-        precision=prec,
-    )
+    return have_slide, have_rna
+
+
+def _expression_stage(
+    run: _Run,
+    pred: Prediction,
+    expression_path: Any,
+    expression_values: Any,
+    sample_id: str | None,
+    slide_like: Any,
+) -> np.ndarray:
+    """The normalised expression vector; sets ``pred.sample_id`` / ``sample_match``."""
+    check_cancel(run.should_stop, "prediction")
+    report(run.progress, 0, 1, "reading expression")
+    with run.timer.stage("expression"):
+        x_rna, sid, how = _expression_vector(
+            run.bundle, expression_path, expression_values, sample_id, slide_like
+        )
+    pred.sample_id, pred.sample_match = sid, how
+    report(run.progress, 1, 1, "reading expression")
+    return x_rna
+
+
+def _slide_encoder_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> None:
+    """Slide embedding and encoder attention (``pred.slide_embedding``, ``attention``, maps)."""
     import torch
 
-    modalities: list[str] = []
-    # ---- expression first: it is fast, and a bad table should fail before a long extraction
-    x_rna: np.ndarray | None = None
-    if have_rna:
-        check_cancel(should_stop, "prediction")
-        report(progress, 0, 1, "reading expression")
-        with timer.stage("expression"):
-            x_rna, sid, how = _expression_vector(
-                bundle,
-                expression_path,
-                expression_values,
-                sample_id,
-                slide_path if slide_path is not None else features_path,
-            )
-        pred.sample_id, pred.sample_match = sid, how
-        report(progress, 1, 1, "reading expression")
+    from ._device import autocast
 
-    # ---- slide
-    if have_slide:
-        feats = _slide_features(
-            bundle,
-            pred,
-            slide_path,
-            features_path,
-            mpp,
-            dev,
-            prec,
-            timer,
-            progress,
-            should_stop,
-            patch_encoder_weights,
-            batch_size,
-            num_workers,
-        )
-        check_cancel(should_stop, "prediction")
-        report(progress, 0, 1, "slide encoder")
-        with timer.stage("slide_encoder"), torch.no_grad():
-            xb = torch.from_numpy(feats).to(dev).unsqueeze(0)
-            with autocast(dev, prec):
-                enc = model.encode_slide(xb)
-            pred.slide_embedding = enc.embedding.float().cpu().numpy()[0]
-            att = enc.attention.float().cpu().numpy()[0].astype(np.float64)
-        # renormalise in float64: bf16 rounding must not leave a sum of 0.998
-        att = np.clip(att, 0.0, None)
-        s = att.sum()
-        pred.attention = att / s if s > 0 else np.full(att.shape, 1.0 / max(att.size, 1))
-        pred.attention_source = _describe_attention(model)
-        att_map = attention_map(pred.attention, pred.attention_source)
-        pred.maps[att_map.name] = att_map
-        modalities.append("slide")
-        report(progress, 1, 1, "slide encoder")
+    check_cancel(run.should_stop, "prediction")
+    report(run.progress, 0, 1, "slide encoder")
+    with run.timer.stage("slide_encoder"), torch.no_grad():
+        xb = torch.from_numpy(slide.features).to(run.dev).unsqueeze(0)
+        with autocast(run.dev, run.prec):
+            enc = run.model.encode_slide(xb)
+        pred.slide_embedding = enc.embedding.float().cpu().numpy()[0]
+        att = enc.attention.float().cpu().numpy()[0].astype(np.float64)
+    # renormalise in float64: bf16 rounding must not leave a sum of 0.998
+    att = np.clip(att, 0.0, None)
+    total = att.sum()
+    pred.attention = att / total if total > 0 else np.full(att.shape, 1.0 / max(att.size, 1))
+    pred.attention_source = _describe_attention(run.model)
+    att_map = attention_map(pred.attention, pred.attention_source)
+    pred.maps[att_map.name] = att_map
+    report(run.progress, 1, 1, "slide encoder")
 
-    if x_rna is not None:
-        check_cancel(should_stop, "prediction")
-        with timer.stage("rna_encoder"), torch.no_grad():
-            rb = torch.from_numpy(x_rna[None, :]).to(dev)
-            with autocast(dev, prec):
-                z = model.encode_rna(rb)
-            pred.rna_embedding = z.float().cpu().numpy()[0]
-        modalities.append("rna")
 
-    # ---- heads
-    check_cancel(should_stop, "prediction")
-    with timer.stage("heads"):
-        _apply_heads(bundle, pred, tuple(modalities))
-    timer.total()
-    pred.timings_s = timer.t
-    return pred
+def _rna_encoder_stage(run: _Run, pred: Prediction, x_rna: np.ndarray) -> None:
+    import torch
+
+    from ._device import autocast
+
+    check_cancel(run.should_stop, "prediction")
+    with run.timer.stage("rna_encoder"), torch.no_grad():
+        rb = torch.from_numpy(x_rna[None, :]).to(run.dev)
+        with autocast(run.dev, run.prec):
+            z = run.model.encode_rna(rb)
+        pred.rna_embedding = z.float().cpu().numpy()[0]
 
 
 def _model_on(bundle: Any, dev: Any) -> Any:
@@ -669,62 +832,27 @@ def _vector_from_values(
 
 
 def _slide_features(
-    bundle,
-    pred,
-    slide_path,
-    features_path,
-    mpp,
-    dev,
-    prec,
-    timer,
-    progress,
-    should_stop,
-    patch_encoder_weights,
-    batch_size,
-    num_workers,
-) -> np.ndarray:
-    """Fill pred's slide fields and return the [N, D_p] float32 features."""
-    pred.target_mpp = bundle.target_mpp
-    pred.tile_px = bundle.tile_px
-    pred.patch_encoder = bundle.patch_encoder_name
+    run: _Run,
+    slide_path: Any,
+    features_path: Any,
+    *,
+    mpp: float | None,
+    patch_encoder_weights: Any,
+    batch_size: int,
+    num_workers: int,
+) -> SlideFeatures:
+    """The slide's tile features: read from ``features_path`` (checked against the bundle's
+    encoder and, when ``slide_path`` is given too, against the slide's size) or extracted from
+    ``slide_path`` with the bundle's tiling and patch encoder."""
+    bundle, timer = run.bundle, run.timer
     want_dim = int(bundle.config_dict.get("patch_dim", bundle.patch_encoder.get("dim", 0)))
     if features_path is not None:
-        from .features import check_encoder, read_features
-
-        report(progress, 0, 1, "reading features")
-        with timer.stage("read_features"):
-            ff = read_features(features_path)
-            check_encoder(ff, bundle.patch_encoder, target_mpp=bundle.target_mpp)
-        if ff.dim != want_dim:
-            raise FeatureFileError(
-                f"{features_path}: features have dimension {ff.dim}, the bundle's model expects "
-                f"{want_dim} (encoder {bundle.patch_encoder_name!r})."
-            )
-        if ff.coords_level0 is None:
-            raise FeatureFileError(
-                f"{features_path} has no tile coordinates, so no heatmap can be drawn; "
-                "re-extract it with `mirror-train extract` (which stores coords)."
-            )
-        pred.coords_level0 = np.asarray(ff.coords_level0, dtype=np.int64)
-        pred.tile_size_level0 = ff.patch_size_level0
-        pred.slide_mpp = ff.attrs.get("slide_mpp")
-        w, h = ff.attrs.get("slide_width"), ff.attrs.get("slide_height")
-        pred.slide_dimensions = (int(w), int(h)) if w and h else None
-        if slide_path is not None:
-            from .slide import open_slide
-
-            with timer.stage("open_slide"), open_slide(slide_path, mpp=mpp) as slide:
-                pred.slide_mpp = float(slide.mpp)
-                pred.slide_dimensions = (int(slide.dimensions[0]), int(slide.dimensions[1]))
-            _check_coords_fit(pred, features_path, slide_path)
-        if pred.tile_size_level0 is None and pred.slide_mpp and ff.target_mpp:
-            pred.tile_size_level0 = int(round(bundle.tile_px * ff.target_mpp / pred.slide_mpp))
-        report(progress, 1, 1, "reading features")
-        return np.ascontiguousarray(ff.features, dtype=np.float32)
+        return _read_slide_features(run, slide_path, features_path, mpp, want_dim)
 
     from .extract import extract_features_in_memory
+    from .features import check_encoder
 
-    check_cancel(should_stop, "prediction")
+    check_cancel(run.should_stop, "prediction")
     with timer.stage("patch_features"):
         tissue_threshold = bundle.document["tiling"].get("tissue_threshold")
         ff = extract_features_in_memory(
@@ -735,36 +863,77 @@ def _slide_features(
             tissue_threshold=0.25 if tissue_threshold is None else float(tissue_threshold),
             weights=patch_encoder_weights,
             mpp=mpp,
-            device=dev,
-            precision=prec,
+            device=run.dev,
+            precision=run.prec,
             batch_size=batch_size,
             num_workers=num_workers,
-            progress=progress,
-            should_stop=should_stop,
+            progress=run.progress,
+            should_stop=run.should_stop,
         )
-        from .features import check_encoder
-
         # the same name could carry other weights (e.g. another UNI checkpoint): compare specs
         check_encoder(ff, bundle.patch_encoder)
-    pred.coords_level0 = np.asarray(ff.coords_level0, dtype=np.int64)
-    pred.tile_size_level0 = int(ff.patch_size_level0)
-    pred.slide_mpp = float(ff.attrs["slide_mpp"]) if ff.attrs.get("slide_mpp") else None
-    w, h = ff.attrs.get("slide_width"), ff.attrs.get("slide_height")
-    pred.slide_dimensions = (int(w), int(h)) if w and h else None
     if ff.dim != want_dim:
         raise FeatureFileError(
             f"the patch encoder {bundle.patch_encoder_name!r} gave {ff.dim}-d features but the "
             f"bundle's model expects {want_dim}-d; the bundle is inconsistent."
         )
-    return np.ascontiguousarray(ff.features, dtype=np.float32)
+    w, h = ff.attrs.get("slide_width"), ff.attrs.get("slide_height")
+    return SlideFeatures(
+        features=np.ascontiguousarray(ff.features, dtype=np.float32),
+        coords_level0=np.asarray(ff.coords_level0, dtype=np.int64),
+        tile_size_level0=int(ff.patch_size_level0),
+        slide_mpp=float(ff.attrs["slide_mpp"]) if ff.attrs.get("slide_mpp") else None,
+        slide_dimensions=(int(w), int(h)) if w and h else None,
+    )
 
 
-def _check_coords_fit(pred: Prediction, features_path: Any, slide_path: Any) -> None:
-    if pred.slide_dimensions is None or pred.coords_level0 is None or pred.n_tiles == 0:
+def _read_slide_features(
+    run: _Run, slide_path: Any, features_path: Any, mpp: float | None, want_dim: int
+) -> SlideFeatures:
+    from .features import check_encoder, read_features
+
+    bundle, timer = run.bundle, run.timer
+    report(run.progress, 0, 1, "reading features")
+    with timer.stage("read_features"):
+        ff = read_features(features_path)
+        check_encoder(ff, bundle.patch_encoder, target_mpp=bundle.target_mpp)
+    if ff.dim != want_dim:
+        raise FeatureFileError(
+            f"{features_path}: features have dimension {ff.dim}, the bundle's model expects "
+            f"{want_dim} (encoder {bundle.patch_encoder_name!r})."
+        )
+    if ff.coords_level0 is None:
+        raise FeatureFileError(
+            f"{features_path} has no tile coordinates, so no heatmap can be drawn; "
+            "re-extract it with `mirror-train extract` (which stores coords)."
+        )
+    w, h = ff.attrs.get("slide_width"), ff.attrs.get("slide_height")
+    out = SlideFeatures(
+        features=np.ascontiguousarray(ff.features, dtype=np.float32),
+        coords_level0=np.asarray(ff.coords_level0, dtype=np.int64),
+        tile_size_level0=ff.patch_size_level0,
+        slide_mpp=ff.attrs.get("slide_mpp"),
+        slide_dimensions=(int(w), int(h)) if w and h else None,
+    )
+    if slide_path is not None:
+        from .slide import open_slide
+
+        with timer.stage("open_slide"), open_slide(slide_path, mpp=mpp) as slide:
+            out.slide_mpp = float(slide.mpp)
+            out.slide_dimensions = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+        _check_coords_fit(out, features_path, slide_path)
+    if out.tile_size_level0 is None and out.slide_mpp and ff.target_mpp:
+        out.tile_size_level0 = int(round(bundle.tile_px * ff.target_mpp / out.slide_mpp))
+    report(run.progress, 1, 1, "reading features")
+    return out
+
+
+def _check_coords_fit(slide: SlideFeatures, features_path: Any, slide_path: Any) -> None:
+    if slide.slide_dimensions is None or len(slide.coords_level0) == 0:
         return
-    w, h = pred.slide_dimensions
-    size = pred.tile_size_level0 or 0
-    mx = pred.coords_level0.max(axis=0)
+    w, h = slide.slide_dimensions
+    size = slide.tile_size_level0 or 0
+    mx = slide.coords_level0.max(axis=0)
     # a tile may stick out by less than one tile at the right/bottom edge
     if mx[0] > w or mx[1] > h or (size and (mx[0] - size > w or mx[1] - size > h)):
         raise FeatureFileError(

@@ -11,10 +11,11 @@ A :class:`~mirror_model.inference.Prediction` of a slide carries ``maps``, an in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ATTENTION", "TileMap"]
+__all__ = ["ATTENTION", "SlideHeads", "TileMap", "rank_tiles", "slide_heads"]
 
 #: Name of the encoder-attention map.
 ATTENTION = "attention"
@@ -98,3 +99,124 @@ def attention_map(attention: np.ndarray, source: str) -> TileMap:
         method=source,
         units="attention weight (sums to 1 over the tiles)",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the bundle's heads as affine functions of the slide embedding
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SlideHeads:
+    """A bundle's heads for one input kind, written as affine functions of the slide embedding.
+
+    Both heads of a bundle are affine in their input (the subtype probe's logits and the Cox
+    linear predictor), so for a fixed expression profile they are affine in the slide
+    embedding ``s [D]``: ``logits = logit_weights @ s + logit_offsets`` (probabilities =
+    softmax of the logits) and ``risk = risk_weights @ s + risk_offset``. With input kind
+    ``"both"`` the expression's part is folded into the offsets.
+
+    Attributes
+    ----------
+    kind : str
+        The head input kind (``"slide"`` or ``"both"``).
+    classes : tuple of str
+        Class names, rows of ``logit_weights`` (empty without a subtype head).
+    logit_weights : np.ndarray or None
+        ``[C, D]`` float64; two-class probes get the row of the first class set to 0 (the
+        probe's logit is that of the second class against the first).
+    logit_offsets : np.ndarray or None
+        ``[C]``.
+    risk_weights : np.ndarray or None
+        ``[D]`` float64 (None without a survival head).
+    risk_offset : float
+    """
+
+    kind: str
+    classes: tuple[str, ...]
+    logit_weights: np.ndarray | None
+    logit_offsets: np.ndarray | None
+    risk_weights: np.ndarray | None
+    risk_offset: float = 0.0
+
+    def logits(self, s: np.ndarray) -> np.ndarray:
+        """``[..., C]`` logits of slide embeddings ``s [..., D]``."""
+        assert self.logit_weights is not None and self.logit_offsets is not None
+        return np.asarray(s, np.float64) @ self.logit_weights.T + self.logit_offsets
+
+    def probabilities(self, s: np.ndarray) -> np.ndarray:
+        """``[..., C]`` class probabilities (softmax of :meth:`logits`)."""
+        z = self.logits(s)
+        z = z - z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def risk(self, s: np.ndarray) -> np.ndarray:
+        """``[...]`` Cox risk (higher = worse prognosis) of slide embeddings ``s [..., D]``."""
+        assert self.risk_weights is not None
+        return np.asarray(s, np.float64) @ self.risk_weights + self.risk_offset
+
+
+def slide_heads(
+    bundle: Any, kind: str = "slide", rna_embedding: np.ndarray | None = None
+) -> SlideHeads:
+    """The heads of ``bundle`` for input ``kind`` as :class:`SlideHeads`.
+
+    ``kind="both"`` needs the patient's ``rna_embedding [D_rna]`` (it sets the offsets).
+    """
+    if kind not in ("slide", "both"):
+        raise ValueError(f"slide heads exist for input 'slide' or 'both', not {kind!r}")
+    if kind == "both" and rna_embedding is None:
+        raise ValueError("input kind 'both' needs the RNA embedding")
+    r = None if kind == "slide" else np.asarray(rna_embedding, np.float64).reshape(-1)
+
+    def split(weights: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[Any, Any]:
+        # weights act on (z - mean) / scale with z = [s, r]: fold scale and the RNA part away
+        a = weights / scale  # [..., D_total]
+        off = -(a @ mean)
+        d = a.shape[-1] - (0 if r is None else r.size)
+        if r is not None:
+            off = off + a[..., d:] @ r
+        return a[..., :d], off
+
+    probe = bundle.head(kind, "subtype")
+    classes: tuple[str, ...] = ()
+    lw = lo = None
+    if probe is not None:
+        w, off = split(probe.coef_, probe.mean_, probe.scale_)
+        off = off + probe.intercept_
+        names = [str(c) for c in np.asarray(probe.classes_).tolist()]
+        if w.shape[0] == 1:  # two classes: the logit of names[1] against names[0]
+            w = np.vstack([np.zeros_like(w), w])
+            off = np.concatenate([[0.0], off])
+        order = [c for c in (bundle.class_names or names) if c in names]
+        idx = [names.index(c) for c in order]
+        classes, lw, lo = tuple(order), w[idx], off[idx]
+    cox = bundle.head(kind, "survival")
+    rw = None
+    ro = 0.0
+    if cox is not None:
+        beta = cox.coef_ / cox.component_scale_
+        if cox.components_ is not None:
+            beta = beta @ cox.components_
+        w, off = split(beta, cox.mean_, cox.scale_)
+        rw, ro = w, float(off)
+    return SlideHeads(kind, classes, lw, lo, rw, ro)
+
+
+def rank_tiles(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank (1 = highest; ties: lower tile index first; NaN last) and percentile (0–100,
+    100 = highest, 0 = lowest, ties share their mean rank, NaN stays NaN) of every tile."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = v.size
+    order = np.lexsort((np.arange(n), -np.nan_to_num(v, nan=-np.inf), np.isnan(v)))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    pct = np.full(n, np.nan)
+    ok = np.isfinite(v)
+    k = int(ok.sum())
+    if k == 1:
+        pct[ok] = 100.0
+    elif k > 1:
+        from scipy.stats import rankdata
+
+        pct[ok] = (rankdata(v[ok], method="average") - 1.0) / (k - 1) * 100.0
+    return rank, pct

@@ -1,8 +1,9 @@
 """``mirror-train predict``: run a model bundle on one slide and/or expression profile.
 
 Prints the subtype probabilities, the risk score with its percentile and group against the
-bundle's reference cohort, and the most attended tiles; writes the full JSON report
-(``--out``) and the per-tile attention (``--tiles-csv``). Uses
+bundle's reference cohort, and the top tiles of every per-tile map; writes the full JSON report
+(``--out``), the per-tile table of all maps (``--tiles-csv``) and the tiles with every map as
+QuPath measurements (``--geojson``). Uses
 :func:`mirror_model.inference.predict`, the same API as the napari plugin.
 """
 
@@ -57,12 +58,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument(
-        "--tiles-csv", default=None, help="write per-tile coordinates and attention here"
+        "--tiles-csv",
+        default=None,
+        help="write the per-tile table here: coordinates and every map (value, rank, percentile)",
+    )
+    parser.add_argument(
+        "--geojson",
+        default=None,
+        help="write the tiles as QuPath GeoJSON here, every map as a measurement",
     )
     parser.add_argument(
         "--include-tiles",
         action="store_true",
-        help="also put every tile's coordinates and attention into the JSON report",
+        help="also put every tile's coordinates and map values into the JSON report",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -82,14 +90,17 @@ def _summary(pred: Any) -> str:
             if pred.risk_cutoff is not None
             else f"risk score: {pred.risk_score:.3f}, {pct}"
         )
-    if pred.attention is not None:
+    if pred.maps:
         lines.append(
             f"tiles: {pred.n_tiles} of {pred.tile_size_level0} level-0 px "
             f"({pred.tile_px} px at {pred.target_mpp:g} µm/px, encoder {pred.patch_encoder})"
         )
-        for i in pred.top_tiles(5):
-            x, y = pred.coords_level0[i]
-            lines.append(f"  top tile #{i}: x={x} y={y} attention {pred.attention[i]:.4f}")
+        for name, m in pred.maps.items():
+            tops = ", ".join(
+                f"#{i} ({pred.coords_level0[i, 0]}, {pred.coords_level0[i, 1]}) {m.values[i]:.3g}"
+                for i in pred.top_tiles(3, name)
+            )
+            lines.append(f"  map {name!r} ({m.label}): top tiles {tops}")
     lines.append(
         f"time: {pred.timings_s.get('total', 0):.2f} s on {pred.device} ({pred.precision})"
     )
@@ -123,10 +134,12 @@ def run(args: argparse.Namespace) -> int:
         doc = pred.to_dict(include_tiles=args.include_tiles)
         atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
-    if args.tiles_csv:
-        if pred.attention is None:
-            print("no slide input: no tiles to write", file=sys.stderr)
+    for path, write in ((args.tiles_csv, pred.write_tiles_csv), (args.geojson, pred.write_geojson)):
+        if not path:
+            continue
+        if not pred.maps:
+            print(f"no slide input: no tiles to write to {path}", file=sys.stderr)
         else:
-            pred.write_tiles_csv(args.tiles_csv)
-            print(f"wrote {args.tiles_csv}", file=sys.stderr)
+            write(path)
+            print(f"wrote {path}", file=sys.stderr)
     return 0
