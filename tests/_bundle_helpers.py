@@ -3,7 +3,7 @@
 A 2-patient synthetic cohort (768-px slides, 40 genes) gives real slides, masks and an
 expression table; a small random-weight MIRROR model embeds 36 pseudo-patients (tile bags
 resampled from the real slides' features, expression rows with noise), and the heads are
-fitted on those embeddings exactly as :func:`mirror_model.bundle.export_bundle` does. The
+fitted on those embeddings exactly as :func:`mirror_model.evaluation.export.export_bundle` does. The
 result is an in-memory :class:`~mirror_model.bundle.Bundle` plus the same bundle saved to disk.
 """
 

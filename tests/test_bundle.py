@@ -174,6 +174,55 @@ def test_newer_format_version_is_refused(case, tmp_path):
         load_bundle(p)
     msg = str(ei.value)
     assert f"format version {FORMAT_VERSION + 1}" in msg and "upgrade" in msg and str(p) in msg
+    assert "made by a newer napari-mirror" in msg
+
+
+def test_trailing_bytes_are_refused(case, tmp_path):
+    p = _write(tmp_path, case.path.read_bytes() + b"\0" * 24)
+    with pytest.raises(BundleError, match="24 unexpected bytes after the tensor data"):
+        load_bundle(p)
+
+
+def test_huge_header_length_is_refused(case, tmp_path):
+    data = case.path.read_bytes()
+    p = _write(tmp_path, struct.pack("<Q", 2**40) + data[8:])
+    with pytest.raises(BundleError, match=r"bad header \(declares 1099511627776 header bytes"):
+        load_bundle(p)
+
+
+def test_truncated_data_names_the_sizes(case, tmp_path):
+    data = case.path.read_bytes()
+    n, _ = _header(data)
+    p = _write(tmp_path, data[:-100])
+    with pytest.raises(BundleError) as ei:
+        load_bundle(p)
+    held = len(data) - 8 - n - 100
+    assert f"is truncated: its tensors need {held + 100} bytes of data" in str(ei.value)
+    assert f"holds only {held}" in str(ei.value)
+
+
+def test_unsupported_tensor_dtype_is_named(case, tmp_path):
+    data = case.path.read_bytes()
+    _, header = _header(data)
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    info = header[name]
+    b, e = info["data_offsets"]
+    info["dtype"], info["shape"] = "BF16", [(e - b) // 2]  # same bytes, a dtype numpy lacks
+    p = _write(tmp_path, _rewrite_header(data, header))
+    with pytest.raises(BundleError, match="unsupported dtype 'BF16'"):
+        load_bundle(p)
+
+
+def test_invalid_format_version_is_refused(case, tmp_path):
+    p = _edit_document(case, tmp_path, lambda d: d.update(format_version="1"))
+    with pytest.raises(BundleError, match="invalid format_version '1'"):
+        load_bundle(p)
+
+
+def test_not_a_bundle_document_is_refused(case, tmp_path):
+    p = _edit_document(case, tmp_path, lambda d: d.update(format="something-else"))
+    with pytest.raises(BundleError, match="is not a napari-mirror model bundle"):
+        load_bundle(p)
 
 
 @pytest.mark.parametrize(

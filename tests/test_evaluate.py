@@ -104,7 +104,10 @@ def test_fits_use_training_patients_and_k_shots_draw_exactly_k(monkeypatch):
             seen.append((ref, np.asarray(X)[:, 2].astype(int), np.asarray(y)))
             return super().fit(X, y, X_reference=X_reference)
 
-    monkeypatch.setattr(ev, "LinearProbe", Recording)
+    from mirror_model.evaluation import heads
+
+    monkeypatch.setattr(ev, "LinearProbe", Recording)  # k-shot probes
+    monkeypatch.setattr(heads, "LinearProbe", Recording)  # the linear probe (shared with export)
     settings = EvaluationSettings(inputs=("slide",), **FAST)
     evaluate_embeddings(embs, splits, settings)
     per_fold = 1 + 2 * 2  # linear + (k = 1, 5) x 2 draws

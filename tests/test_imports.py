@@ -68,3 +68,40 @@ def test_cli_help_lists_every_command():
         "demo",
     ):
         assert cmd in out
+
+
+def test_inference_path_imports_no_training_or_fitting_code(cmu_small_svs):
+    """Loading a bundle and predicting needs neither training nor head-fitting code (nor the
+    fitting libraries): the inference path stays light and cannot drift with training."""
+    code = f"""
+from pathlib import Path
+from mirror_model.bundle import load_bundle
+from mirror_model.inference import predict
+b = load_bundle()
+pred = predict(b, slide_path=Path({str(cmu_small_svs)!r}), expression_values=dict.fromkeys(b.genes, 1.0),
+               device="cpu", precision="fp32")
+assert pred.modalities == ("slide", "rna") and pred.risk_score is not None
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    mods = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    forbidden = {
+        m
+        for m in mods
+        if m.startswith(("mirror_model.train", "mirror_model.demo", "mirror_model.synth"))
+        or m
+        in (
+            "mirror_model.evaluation.evaluate",
+            "mirror_model.evaluation.export",
+            "mirror_model.evaluation.heads",
+            "mirror_model.evaluation.report",
+            "lifelines",
+            "sklearn",
+        )
+    }
+    assert not forbidden, sorted(forbidden)
+    assert "mirror_model.bundle" in mods and "mirror_model.inference" in mods

@@ -16,7 +16,7 @@ minutes, and shows that the pipeline *learns*:
    mask (a tile is tumour when ≥ 50 % of it is tumour in ``DIR/masks``), per slide, with the
    model of the fold that held the slide out;
 6. ``export``   — ``DIR/demo.mirror``: the fold-0 model with its heads (see
-   :func:`mirror_model.bundle.export_bundle`);
+   :func:`mirror_model.evaluation.export.export_bundle`);
 7. ``report``   — ``DIR/metrics.json`` (the evaluation tree plus ``"heatmap"`` and ``"demo"``)
    and ``DIR/report.md`` with the figures.
 
@@ -813,7 +813,7 @@ def run_demo(
             _write_metrics(out, s, state, timings)
             finish(stage, time.perf_counter() - t0)
         elif stage == "export":
-            from .bundle import export_bundle
+            from .evaluation.export import export_bundle
 
             _write_metrics(out, s, state, timings)
             ex = export_bundle(

@@ -3,7 +3,7 @@
 The bundle holds the fold's best model, subtype and Cox heads for slide-only, RNA-only and
 combined inputs (fitted on that fold's training patients), the risk cut-off, the fold's
 held-out patients as reference cohort, and the run's evaluate metrics when present.
-See :func:`mirror_model.bundle.export_bundle`.
+See :func:`mirror_model.evaluation.export.export_bundle`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._progress import TqdmProgress
-    from ..bundle import export_bundle
+    from ..evaluation.export import export_bundle
 
     with TqdmProgress(disable=True if args.quiet else None) as bar:
         res = export_bundle(

@@ -2,8 +2,10 @@
 
 Submodules: :mod:`.metrics` (accuracy, balanced accuracy, macro AUROC/F1, C-index),
 :mod:`.probes` (:class:`LinearProbe`, k-shot sampling), :mod:`.survival` (:class:`CoxHead`,
-:class:`DiscreteHazardHead`, Kaplan–Meier, log-rank), :mod:`.evaluate` (cross-validated
-evaluation → ``metrics.json``) and :mod:`.report` (Markdown report with PNG figures).
+:class:`DiscreteHazardHead`, Kaplan–Meier, log-rank), :mod:`.heads` (fitting the heads on
+frozen embeddings: the one place evaluation and export share), :mod:`.evaluate`
+(cross-validated evaluation → ``metrics.json``), :mod:`.export` (a fold → a model bundle) and
+:mod:`.report` (Markdown report with PNG figures).
 Imports are lazy so ``from mirror_model.evaluation import LinearProbe`` does not load torch.
 """
 
@@ -42,6 +44,8 @@ _EXPORTS = {
     "evaluate_runs": "evaluate",
     "load_metrics": "evaluate",
     "write_report": "report",
+    "ExportResult": "export",
+    "export_bundle": "export",
 }
 
 __all__ = sorted(_EXPORTS)

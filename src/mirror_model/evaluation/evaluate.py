@@ -55,18 +55,19 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write_text, jsonable
+from .._kinds import INPUT_KINDS, input_matrix
 from .._progress import ProgressFn, StopFn, check_cancel, report
 from ..errors import ConfigError, MirrorError
+from .heads import (
+    HeadTargets,
+    finite_rows,
+    fit_subtype_probe,
+    fit_survival_head,
+    km_by_risk_group,
+)
 from .metrics import CLASSIFICATION_METRICS, c_index, classification_metrics, summarize
 from .probes import LinearProbe, sample_k_shot
-from .survival import (
-    CoxHead,
-    DiscreteHazardHead,
-    choose_risk_cutoff,
-    kaplan_meier,
-    logrank_test,
-    risk_groups,
-)
+from .survival import CoxHead, DiscreteHazardHead, logrank_test, risk_groups
 
 __all__ = [
     "INPUTS",
@@ -82,7 +83,7 @@ __all__ = [
     "save_evaluation",
 ]
 
-INPUTS: tuple[str, ...] = ("slide", "rna", "both")
+INPUTS: tuple[str, ...] = INPUT_KINDS
 SURVIVAL_METRICS: tuple[str, ...] = ("c_index",)
 SURVIVAL_TASKS: tuple[str, ...] = ("survival_cox", "survival_hazard")
 
@@ -255,27 +256,71 @@ def _split_sets(split: Any, k: int) -> tuple[list[str], list[str]]:
     return train, test
 
 
-def _missing_label(v: Any) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float) and math.isnan(v):
-        return True
-    return isinstance(v, str) and v.strip() in ("", "nan", "NaN", "None")
+def _fold_number(split: Any, pos: int) -> int:
+    """The run's own fold number when the split carries one, else its position."""
+    raw = split.get("fold", pos) if isinstance(split, Mapping) else getattr(split, "fold", pos)
+    return int(pos if raw is None else raw)
 
 
-def _input_matrix(emb: FoldEmbeddings, inp: str) -> np.ndarray | None:
-    if inp == "slide":
-        return emb.slide
-    if inp == "rna":
-        return emb.rna
-    if emb.slide is None or emb.rna is None:
-        return None
-    return np.concatenate([emb.slide, emb.rna], axis=1)
+@dataclass
+class _Collected:
+    """What :func:`evaluate_embeddings` gathers fold by fold.
+
+    ``values[task][input][metric]`` holds one value per fold (None = undefined), ``notes``
+    the reasons for None values (each once), ``predictions`` the pooled test predictions.
+    """
+
+    values: dict[str, dict[str, dict[str, list]]]
+    notes: list[str] = field(default_factory=list)
+    predictions: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, settings: EvaluationSettings) -> _Collected:
+        tree = metrics_key_tree(settings)
+        return cls(
+            {t: {i: {m: [] for m in ms} for i, ms in inp.items()} for t, inp in tree.items()}
+        )
+
+    def note(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
+
+    def add(self, task: str, inp: str, values: Mapping[str, float | None]) -> None:
+        for m, vals in self.values[task][inp].items():
+            vals.append(values[m])
+
+    def null(self, inp: str, tasks: Sequence[str]) -> None:
+        for t in tasks:
+            self.add(t, inp, dict.fromkeys(self.values[t][inp]))
+
+    def add_predictions(self, task: str, inp: str, **cols: Any) -> None:
+        d = self.predictions.setdefault(task, {}).setdefault(inp, {})
+        for k, v in cols.items():
+            if k == "classes":
+                d["classes"] = v
+            else:
+                d.setdefault(k, []).extend(v)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            t: {i: {m: summarize(v) for m, v in ms.items()} for i, ms in inps.items()}
+            for t, inps in self.values.items()
+        }
 
 
-def _nan_tree(settings: EvaluationSettings) -> dict[str, dict[str, dict[str, list]]]:
-    tree = metrics_key_tree(settings)
-    return {t: {i: {m: [] for m in ms} for i, ms in inp.items()} for t, inp in tree.items()}
+@dataclass
+class _FoldInput:
+    """One fold, one input kind: the head inputs ``X`` [P, D], the targets, and the training
+    and test rows whose input is finite."""
+
+    fold: int
+    inp: str
+    X: np.ndarray
+    targets: HeadTargets
+    train: np.ndarray
+    test: np.ndarray
+    patient_ids: list[str]
+    settings: EvaluationSettings
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,29 +361,12 @@ def evaluate_embeddings(
             f"need one set of embeddings per fold: got {len(folds_emb)} embeddings for {len(splits)} folds."
         )
     s = settings
-    acc = _nan_tree(s)
-    notes: list[str] = []
+    out = _Collected.empty(s)
     fold_info: list[dict[str, Any]] = []
-    pred: dict[str, dict[str, dict[str, list]]] = {}
     n_units = len(splits) * len(s.inputs)
     unit = 0
-
-    def note(msg: str) -> None:
-        if msg not in notes:
-            notes.append(msg)
-
-    def add_pred(task: str, inp: str, **cols: Any) -> None:
-        d = pred.setdefault(task, {}).setdefault(inp, {})
-        for k, v in cols.items():
-            if k == "classes":
-                d["classes"] = v
-            else:
-                d.setdefault(k, []).extend(v)
-
     for pos, (emb, split) in enumerate(zip(folds_emb, splits, strict=True)):
-        # the run's own fold number when the split carries one, else the position
-        raw = split.get("fold", pos) if isinstance(split, Mapping) else getattr(split, "fold", pos)
-        k = int(pos if raw is None else raw)
+        k = _fold_number(split, pos)
         train_ids, test_ids = _split_sets(split, k)
         row = {p: i for i, p in enumerate(emb.patient_ids)}
         missing = [p for p in train_ids + test_ids if p not in row]
@@ -349,164 +377,164 @@ def evaluate_embeddings(
             )
         tr = np.array([row[p] for p in train_ids], dtype=np.int64)
         te = np.array([row[p] for p in test_ids], dtype=np.int64)
+        targets = HeadTargets.from_arrays(len(row), emb.subtype, emb.time, emb.event)
         info: dict[str, Any] = {"fold": k, "n_train": int(tr.size), "n_test": int(te.size)}
-
         for inp in s.inputs:
             check_cancel(should_stop, "evaluation")
             report(progress, unit, n_units, f"fold {k}: {inp}")
             unit += 1
-            X = _input_matrix(emb, inp)
-            per: dict[str, Any] = {}
-            info[inp] = per
+            X = input_matrix(emb.slide, emb.rna, inp)
             if X is None:
-                note(
+                out.note(
                     f"input '{inp}': the run has no {'slide and RNA' if inp == 'both' else inp} embeddings."
                 )
-                _fill_null(acc, s, inp, tasks=s.tasks)
+                out.null(inp, s.tasks)
+                info[inp] = {}
                 continue
-            ok = np.all(np.isfinite(X), axis=1)
-            tr_i, te_i = tr[ok[tr]], te[ok[te]]
+            tr_i, te_i = finite_rows(X, tr), finite_rows(X, te)
             if tr_i.size < tr.size or te_i.size < te.size:
-                note(
+                out.note(
                     f"fold {k}, input '{inp}': {tr.size - tr_i.size} training and "
                     f"{te.size - te_i.size} test patients lack this modality and were left out."
                 )
-            _subtype_tasks(emb, X, tr_i, te_i, k, inp, s, acc, per, note, add_pred, emb.patient_ids)
-            _survival_tasks(
-                emb, X, tr_i, te_i, k, inp, s, acc, per, note, add_pred, emb.patient_ids
-            )
+            f = _FoldInput(k, inp, X, targets, tr_i, te_i, emb.patient_ids, s)
+            info[inp] = {**_subtype_tasks(f, out), **_survival_tasks(f, out)}
         fold_info.append(info)
     report(progress, n_units, n_units, "evaluation done")
-
-    metrics = {
-        t: {i: {m: summarize(v) for m, v in ms.items()} for i, ms in inps.items()}
-        for t, inps in acc.items()
-    }
-    km = _pooled_km(pred)
-    return EvaluationResult(metrics, s, fold_info, pred, km, notes)
+    return EvaluationResult(
+        out.metrics(), s, fold_info, out.predictions, _pooled_km(out.predictions), out.notes
+    )
 
 
-def _fill_null(acc: dict, s: EvaluationSettings, inp: str, tasks: Sequence[str]) -> None:
-    for t in tasks:
-        for m in acc[t][inp]:
-            acc[t][inp][m].append(None)
-
-
-def _subtype_tasks(emb, X, tr, te, k, inp, s, acc, per, note, add_pred, ids) -> None:
+def _subtype_tasks(f: _FoldInput, out: _Collected) -> dict[str, Any]:
+    """Linear and k-shot probes of one fold and input; returns the choices made per task."""
+    s = f.settings
     tasks = ["subtype_linear", *[f"subtype_{q}shot" for q in s.k_shots]]
-    if emb.subtype is None:
-        note("subtyping: no subtype labels in the embeddings; subtype tasks are null.")
-        _fill_null(acc, s, inp, tasks)
-        return
-    lab = np.array([not _missing_label(v) for v in emb.subtype])
-    tr, te = tr[lab[tr]], te[lab[te]]
-    y = np.array([str(v) for v in emb.subtype], dtype=object)
-    if np.unique(y[tr]).size < 2 or te.size == 0:
-        note(
-            f"fold {k}: fewer than two subtypes among training patients or no labelled test patient; subtype tasks are null."
+    if f.targets.labels is None:
+        out.note("subtyping: no subtype labels in the embeddings; subtype tasks are null.")
+        out.null(f.inp, tasks)
+        return {}
+    tr, te = f.targets.subtype_rows(f.train), f.targets.subtype_rows(f.test)
+    probe = fit_subtype_probe(f.X, f.targets, tr, C=s.probe_C, seed=s.seed) if te.size else None
+    if probe is None:
+        out.note(
+            f"fold {f.fold}: fewer than two subtypes among training patients or no labelled test patient; subtype tasks are null."
         )
-        _fill_null(acc, s, inp, tasks)
-        return
-    probe = LinearProbe(C=s.probe_C, seed=s.seed).fit(X[tr], y[tr])
+        out.null(f.inp, tasks)
+        return {}
+    X, y = f.X, f.targets.labels
     proba = probe.predict_proba(X[te])
-    m = classification_metrics(y[te], proba, probe.classes_.tolist())
-    for name in CLASSIFICATION_METRICS:
-        acc["subtype_linear"][inp][name].append(m[name])
-    per["subtype_linear"] = {
-        "C": probe.C_,
-        "C_selection": probe.C_selection_,
-        "n_train": int(tr.size),
-        "n_test": int(te.size),
+    out.add("subtype_linear", f.inp, classification_metrics(y[te], proba, probe.classes_.tolist()))
+    chosen: dict[str, Any] = {
+        "subtype_linear": {
+            "C": probe.C_,
+            "C_selection": probe.C_selection_,
+            "n_train": int(tr.size),
+            "n_test": int(te.size),
+        }
     }
-    add_pred(
+    out.add_predictions(
         "subtype_linear",
-        inp,
-        patient_id=[ids[i] for i in te],
-        fold=[k] * te.size,
+        f.inp,
+        patient_id=[f.patient_ids[i] for i in te],
+        fold=[f.fold] * te.size,
         y_true=y[te].tolist(),
         proba=proba.tolist(),
         classes=probe.classes_.tolist(),
     )
-
     for q in s.k_shots:
         task = f"subtype_{q}shot"
-        draws: list[dict[str, float]] = []
         try:
-            for d in range(s.n_draws):
-                # same draws for every input, so slide / rna / both see the same patients
-                idx = sample_k_shot(y[tr], q, np.random.default_rng([s.seed, k, q, d]))
-                # standardisation from all training patients' embeddings (no labels used)
-                pr = LinearProbe(C=s.probe_C, seed=s.seed).fit(
-                    X[tr][idx], y[tr][idx], X_reference=X[tr]
-                )
-                draws.append(
-                    classification_metrics(y[te], pr.predict_proba(X[te]), pr.classes_.tolist())
-                )
+            draws = _k_shot_draws(f, tr, te, q)
         except ConfigError as exc:
-            note(f"fold {k}, {task}: {exc} Values are null.")
-            _fill_null(acc, s, inp, [task])
+            out.note(f"fold {f.fold}, {task}: {exc} Values are null.")
+            out.null(f.inp, [task])
             continue
+        mean_over_draws = {}
         for name in CLASSIFICATION_METRICS:
             vals = [dr[name] for dr in draws if not math.isnan(dr[name])]
-            acc[task][inp][name].append(float(np.mean(vals)) if vals else None)
-        per[task] = {name: [dr[name] for dr in draws] for name in CLASSIFICATION_METRICS}
+            mean_over_draws[name] = float(np.mean(vals)) if vals else None
+        out.add(task, f.inp, mean_over_draws)
+        chosen[task] = {name: [dr[name] for dr in draws] for name in CLASSIFICATION_METRICS}
+    return chosen
 
 
-def _survival_tasks(emb, X, tr, te, k, inp, s, acc, per, note, add_pred, ids) -> None:
-    if emb.time is None or emb.event is None:
-        note("survival: no time/event in the embeddings; survival tasks are null.")
-        _fill_null(acc, s, inp, SURVIVAL_TASKS)
-        return
-    known = np.isfinite(emb.time) & np.isfinite(emb.event.astype(np.float64))
-    tr, te = tr[known[tr]], te[known[te]]
-    t, e = emb.time, emb.event.astype(np.float64)
+def _k_shot_draws(f: _FoldInput, tr: np.ndarray, te: np.ndarray, q: int) -> list[dict[str, float]]:
+    """Test metrics of the probe fitted on ``q`` training patients per class, per draw."""
+    s, X, y = f.settings, f.X, f.targets.labels
+    assert y is not None
+    draws = []
+    for d in range(s.n_draws):
+        # same draws for every input, so slide / rna / both see the same patients
+        idx = sample_k_shot(y[tr], q, np.random.default_rng([s.seed, f.fold, q, d]))
+        # standardisation from all training patients' embeddings (no labels used)
+        pr = LinearProbe(C=s.probe_C, seed=s.seed).fit(X[tr][idx], y[tr][idx], X_reference=X[tr])
+        draws.append(classification_metrics(y[te], pr.predict_proba(X[te]), pr.classes_.tolist()))
+    return draws
+
+
+def _survival_head(task: str, s: EvaluationSettings) -> Any:
+    """The unfitted head of a survival task, with the settings' regularisation."""
+    if task == "survival_cox":
+        return CoxHead(penalizer=s.cox_penalizer, max_components=s.cox_max_components, seed=s.seed)
+    return DiscreteHazardHead(
+        n_bins=s.hazard_bins,
+        weight_decay=s.hazard_weight_decay,
+        max_iter=s.hazard_max_iter,
+        seed=s.seed,
+    )
+
+
+def _survival_choices(task: str, head: Any) -> dict[str, Any]:
+    if task == "survival_cox":
+        return {"penalizer": head.penalizer_, "selection": head.penalizer_selection_}
+    return {
+        "weight_decay": head.weight_decay_,
+        "selection": head.weight_decay_selection_,
+        "bin_edges": head.bin_edges_.tolist(),
+    }
+
+
+def _survival_tasks(f: _FoldInput, out: _Collected) -> dict[str, Any]:
+    """Cox and discrete-hazard heads of one fold and input; returns the choices made per task."""
+    if not f.targets.has_survival:
+        out.note("survival: no time/event in the embeddings; survival tasks are null.")
+        out.null(f.inp, SURVIVAL_TASKS)
+        return {}
+    tr, te = f.targets.survival_rows(f.train), f.targets.survival_rows(f.test)
+    t, e = f.targets.time, f.targets.event
+    assert t is not None and e is not None
+    chosen: dict[str, Any] = {}
     for task in SURVIVAL_TASKS:
         try:
-            if task == "survival_cox":
-                head: Any = CoxHead(
-                    penalizer=s.cox_penalizer, max_components=s.cox_max_components, seed=s.seed
-                ).fit(X[tr], t[tr], e[tr])
-                chosen = {"penalizer": head.penalizer_, "selection": head.penalizer_selection_}
-            else:
-                head = DiscreteHazardHead(
-                    n_bins=s.hazard_bins,
-                    weight_decay=s.hazard_weight_decay,
-                    max_iter=s.hazard_max_iter,
-                    seed=s.seed,
-                ).fit(X[tr], t[tr], e[tr])
-                chosen = {
-                    "weight_decay": head.weight_decay_,
-                    "selection": head.weight_decay_selection_,
-                    "bin_edges": head.bin_edges_.tolist(),
-                }
+            fit = fit_survival_head(_survival_head(task, f.settings), f.X, f.targets, tr)
         except MirrorError as exc:
-            note(f"fold {k}, {task}, input '{inp}': {exc} Values are null.")
-            _fill_null(acc, s, inp, [task])
+            out.note(f"fold {f.fold}, {task}, input '{f.inp}': {exc} Values are null.")
+            out.null(f.inp, [task])
             continue
         if te.size == 0:
-            note(f"fold {k}: no test patient with survival data; {task} is null.")
-            _fill_null(acc, s, inp, [task])
+            out.note(f"fold {f.fold}: no test patient with survival data; {task} is null.")
+            out.null(f.inp, [task])
             continue
-        risk_te = head.predict_risk(X[te])
-        cutoff = choose_risk_cutoff(head.predict_risk(X[tr]))
-        ci = c_index(t[te], e[te], risk_te)
-        acc[task][inp]["c_index"].append(ci)
-        per[task] = {
-            **chosen,
-            "risk_cutoff": cutoff,
+        risk_te = fit.head.predict_risk(f.X[te])
+        out.add(task, f.inp, {"c_index": c_index(t[te], e[te], risk_te)})
+        chosen[task] = {
+            **_survival_choices(task, fit.head),
+            "risk_cutoff": fit.risk_cutoff,
             "n_train": int(tr.size),
             "n_test": int(te.size),
         }
-        add_pred(
+        out.add_predictions(
             task,
-            inp,
-            patient_id=[ids[i] for i in te],
-            fold=[k] * te.size,
+            f.inp,
+            patient_id=[f.patient_ids[i] for i in te],
+            fold=[f.fold] * te.size,
             time=t[te].tolist(),
             event=e[te].astype(int).tolist(),
             risk=risk_te.tolist(),
-            group=risk_groups(risk_te, cutoff).tolist(),
+            group=risk_groups(risk_te, fit.risk_cutoff).tolist(),
         )
+    return chosen
 
 
 def _pooled_km(pred: dict[str, Any]) -> dict[str, Any]:
@@ -517,14 +545,9 @@ def _pooled_km(pred: dict[str, Any]) -> dict[str, Any]:
             t = np.asarray(d["time"])
             e = np.asarray(d["event"])
             g = np.asarray(d["group"])
-            curves = {
-                grp: kaplan_meier(t[g == grp], e[g == grp]).to_dict()
-                for grp in ("low", "high")
-                if np.any(g == grp)
-            }
             lr = logrank_test(t, e, g)
             out.setdefault(task, {})[inp] = {
-                **curves,
+                **km_by_risk_group(t, e, g),
                 "n_low": int(np.sum(g == "low")),
                 "n_high": int(np.sum(g == "high")),
                 "logrank_p": None if math.isnan(lr.p_value) else lr.p_value,
