@@ -1,9 +1,15 @@
-"""``mirror-train evaluate RUN [RUN ...]``: honest downstream evaluation of frozen encoders.
+"""``mirror-train evaluate RUN [RUN ...] [--raw-inputs]``: honest downstream evaluation.
 
 Per fold, probes and survival heads are fitted on the fold's training patients and scored on
 its test patients. Writes ``metrics.json`` (layout in
 :mod:`mirror_model.evaluation.evaluate`), ``evaluation.json`` and ``report.md`` with PNG
 figures. Several runs (e.g. mirror vs tangle vs ablations) are compared in one report.
+
+``--raw-inputs`` adds the baseline every pretrained encoder must beat: the same heads on the
+raw inputs (mean-pooled tile features, normalised genes) on the same folds
+(:mod:`mirror_model.evaluation.raw`). Without any RUN it evaluates a cohort's raw inputs alone
+(``--cohort`` with ``--expression`` and/or ``--features``; folds made as ``pretrain`` makes them
+from ``--folds`` / ``--split-seed``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,32 @@ def _c_value(text: str) -> float | str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="pretraining run folder(s)")
+    parser.add_argument(
+        "runs", nargs="*", metavar="RUN", help="pretraining run folder(s) (none: --raw-inputs only)"
+    )
+    raw = parser.add_argument_group("raw-input baseline")
+    raw.add_argument(
+        "--raw-inputs",
+        action="store_true",
+        help="also evaluate the raw inputs (mean-pooled tile features, normalised genes) with "
+        "the same heads on the same folds, as rows named 'raw'",
+    )
+    raw.add_argument("--cohort", default=None, help="cohort table for --raw-inputs without a RUN")
+    raw.add_argument(
+        "--expression", default=None, help="expression table for --raw-inputs without a RUN"
+    )
+    raw.add_argument(
+        "--features", default=None, help="feature folder for --raw-inputs without a RUN"
+    )
+    raw.add_argument(
+        "--folds", type=int, default=5, help="outer folds without a RUN (default 5, as pretrain)"
+    )
+    raw.add_argument(
+        "--split-seed",
+        type=int,
+        default=42,
+        help="seed of the folds without a RUN (default 42 = pretrain's default --seed)",
+    )
     parser.add_argument(
         "--out",
         default=None,
@@ -116,12 +147,32 @@ def _print_summary(results: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._progress import TqdmProgress
     from ..errors import ConfigError
-    from ..evaluation.evaluate import EvaluationSettings, evaluate_runs
+    from ..evaluation.evaluate import EvaluationSettings, evaluate_runs, save_evaluation
 
     runs = [Path(r) for r in args.runs]
+    standalone = [
+        f"--{n}" for n in ("cohort", "expression", "features") if getattr(args, n) is not None
+    ]
+    if not runs:
+        if not args.raw_inputs:
+            raise ConfigError(
+                "give at least one pretraining RUN folder, or --raw-inputs with --cohort to "
+                "evaluate a cohort's raw inputs."
+            )
+        if args.cohort is None or (args.expression is None and args.features is None):
+            raise ConfigError(
+                "--raw-inputs without a RUN needs --cohort and --expression and/or --features."
+            )
+        if args.out is None:
+            raise ConfigError("--raw-inputs without a RUN: pass --out FOLDER.")
+    elif standalone:
+        raise ConfigError(
+            f"{', '.join(standalone)} only apply without a RUN; with runs the raw inputs are "
+            "read from each run's config.yaml."
+        )
     if args.out is None:
-        if len(runs) > 1:
-            raise ConfigError("several runs are compared into one report: pass --out FOLDER.")
+        if len(runs) > 1 or args.raw_inputs:
+            raise ConfigError("several rows are compared into one report: pass --out FOLDER.")
         out = runs[0] / "evaluation"
     else:
         out = Path(args.out)
@@ -131,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.max_tiles is not None and args.max_tiles < 1:
         raise ConfigError("--max-tiles must be >= 1.")
+    if args.folds < 2:
+        raise ConfigError("--folds must be >= 2 (test folds are needed for an honest evaluation).")
     settings = EvaluationSettings(
         inputs=tuple(args.inputs),
         k_shots=tuple(args.k_shots),
@@ -142,17 +195,35 @@ def run(args: argparse.Namespace) -> int:
         hazard_weight_decay=args.hazard_weight_decay,
     )
     with TqdmProgress() as bar:
-        results = evaluate_runs(
-            runs,
-            out,
-            names=args.names,
-            settings=settings,
-            device=args.device,
-            precision=args.precision,
-            max_tiles=args.max_tiles,
-            write_report_md=not args.no_report,
-            progress=bar,
-        )
+        if runs:
+            results = evaluate_runs(
+                runs,
+                out,
+                names=args.names,
+                settings=settings,
+                device=args.device,
+                precision=args.precision,
+                max_tiles=args.max_tiles,
+                write_report_md=not args.no_report,
+                raw_inputs=args.raw_inputs,
+                progress=bar,
+            )
+        else:
+            from ..evaluation.raw import RAW_NAME, evaluate_raw
+
+            res = evaluate_raw(
+                None,
+                settings,
+                cohort=args.cohort,
+                expression=args.expression if args.expression is not None else False,
+                features_dir=args.features if args.features is not None else False,
+                folds=args.folds,
+                seed=args.split_seed,
+                max_tiles=args.max_tiles,
+                progress=bar,
+            )
+            results = {RAW_NAME: res}
+            save_evaluation(out, results, write_report_md=not args.no_report)
     _print_summary(results)
     print(f"wrote {out / 'metrics.json'}" + ("" if args.no_report else f" and {out / 'report.md'}"))
     return 0

@@ -654,12 +654,20 @@ def evaluate_runs(
     *,
     device: str = "auto",
     write_report_md: bool = True,
+    raw_inputs: bool = False,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     **run_kwargs: Any,
 ) -> dict[str, EvaluationResult]:
     """Evaluate several runs with identical settings and write one comparison
-    (``run_kwargs``: ``precision``, ``max_tiles`` of :func:`evaluate_run`)."""
+    (``run_kwargs``: ``precision``, ``max_tiles`` of :func:`evaluate_run`; any other keyword
+    replaces a field of ``settings``).
+
+    ``raw_inputs=True`` puts raw-input rows first (:func:`~.raw.evaluate_raw`: mean-pooled tile
+    features and normalised genes, same heads): one row ``"raw"`` on the runs' folds, or, when
+    the runs were made with different folds (e.g. other seeds), one row per set of folds named
+    ``"raw (<first run with those folds>)"``.
+    """
     runs = [Path(r) for r in run_dirs]
     if names is None:
         names = [r.name or str(r) for r in runs]
@@ -668,16 +676,65 @@ def evaluate_runs(
         raise ConfigError(f"got {len(names)} names for {len(runs)} runs; give one name per run.")
     if len(set(names)) != len(names):
         raise ConfigError(f"run names must be unique (got {names}); pass --name for each run.")
-    results = {
-        n: evaluate_run(
+    # settings overrides among run_kwargs apply to every row alike (raw rows included)
+    overrides = {
+        k: run_kwargs.pop(k) for k in list(run_kwargs) if k not in ("precision", "max_tiles")
+    }
+    if overrides:
+        base = settings.__dict__ if settings is not None else {}
+        settings = EvaluationSettings(**{**base, **overrides})
+    results: dict[str, EvaluationResult] = {}
+    if raw_inputs:
+        results.update(
+            _raw_rows(runs, names, settings, run_kwargs.get("max_tiles"), progress, should_stop)
+        )
+        if set(results) & set(names):
+            raise ConfigError(
+                f"a run is named like a raw-input row ({sorted(set(results) & set(names))}); "
+                "pass another --name."
+            )
+    for n, r in zip(names, runs, strict=True):
+        results[n] = evaluate_run(
             r, settings, device=device, progress=progress, should_stop=should_stop, **run_kwargs
         )
-        for n, r in zip(names, runs, strict=True)
-    }
     save_evaluation(
         out_dir, results, dict(zip(names, runs, strict=True)), write_report_md=write_report_md
     )
     return results
+
+
+def _raw_rows(
+    runs: Sequence[Path],
+    names: Sequence[str],
+    settings: EvaluationSettings | None,
+    max_tiles: int | None,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> dict[str, EvaluationResult]:
+    """One raw-input evaluation per distinct set of folds among ``runs``."""
+    from ..train.run import load_run
+    from .raw import RAW_NAME, evaluate_raw
+
+    groups: list[tuple[Any, list[str], Path]] = []  # (fold lists, run names, first run)
+    for name, run in zip(names, runs, strict=True):
+        if not run.is_dir():
+            raise ConfigError(f"run folder {run} does not exist.")
+        key = [f.to_dict() for f in load_run(run).splits.folds]
+        for g in groups:
+            if g[0] == key:
+                g[1].append(name)
+                break
+        else:
+            groups.append((key, [name], run))
+    out: dict[str, EvaluationResult] = {}
+    for _, members, run in groups:
+        label = RAW_NAME if len(groups) == 1 else f"{RAW_NAME} ({members[0]})"
+        res = evaluate_raw(
+            run, settings, max_tiles=max_tiles, progress=progress, should_stop=should_stop
+        )
+        res.notes.insert(0, f"raw-input row on the folds of: {', '.join(members)}.")
+        out[label] = res
+    return out
 
 
 def load_metrics(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
