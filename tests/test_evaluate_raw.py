@@ -7,8 +7,8 @@ import json
 import h5py
 import numpy as np
 import pytest
-
 from _train_helpers import TINY_MODEL, make_toy, one_thread
+
 from mirror_model.cli import main as cli_main
 from mirror_model.cohort import read_cohort
 from mirror_model.evaluation import evaluate_raw, mean_pooled_features
@@ -63,7 +63,10 @@ def test_raw_row_is_the_same_heads_on_hand_pooled_inputs_and_finds_the_planted_s
     splits = make_splits(ids, patient_subtypes(coh.table), 4, 0.15, 3)
     pat = coh.patients()
     slide = np.stack(
-        [np.mean([_h5_mean(toy.features / f"{s}.h5") for s in sl], axis=0) for sl in pat["slide_ids"]]
+        [
+            np.mean([_h5_mean(toy.features / f"{s}.h5") for s in sl], axis=0)
+            for sl in pat["slide_ids"]
+        ]
     )
     expr = read_expression(toy.expression)
     embs = []
