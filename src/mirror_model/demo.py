@@ -70,15 +70,6 @@ __all__ = [
 #: Seed of the demo cohort (and so of its generative model: gene roles, baselines).
 DEMO_SEED = 2024
 DEMO_PRESET = "mirror"
-STAGES: tuple[str, ...] = (
-    "synth",
-    "extract",
-    "pretrain",
-    "evaluate",
-    "heatmap",
-    "export",
-    "report",
-)
 _STATE_FILE = "demo_state.json"
 _STATE_VERSION = 1
 
@@ -673,6 +664,191 @@ def _stage_progress(progress: ProgressFn | None, i: int, name: str) -> ProgressF
 
 
 # --------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _DemoRun:
+    """What every stage reads: the demo folder and its fixed paths, the settings, where to
+    compute, and the state recorded in ``DIR/demo_state.json``."""
+
+    out: Path
+    settings: DemoSettings
+    device: str
+    workers: int
+    should_stop: StopFn | None
+    state: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cohort_csv(self) -> Path:
+        return self.out / "cohort.csv"
+
+    @property
+    def expression_csv(self) -> Path:
+        return self.out / "expression.csv"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.out / "features"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "run"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.out / "evaluation"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.out / "demo.mirror"
+
+    def done(self, stage: str) -> bool:
+        return bool(self.state["stages"].get(stage, {}).get("done"))
+
+
+def _synth_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """Cohort tables, slides and masks in ``DIR`` (the documented generative model)."""
+    from .synth import synthesize_cohort
+
+    synthesize_cohort(
+        r.out,
+        overwrite=True,
+        workers=r.workers,
+        progress=progress,
+        should_stop=r.should_stop,
+        **r.settings.synth_kwargs(),
+    )
+    return {}
+
+
+def _extract_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """``DIR/features/<slide_id>.h5`` with the embedded encoder (resumes per slide)."""
+    from .extract import extract_cohort
+
+    ex = extract_cohort(
+        r.cohort_csv,
+        r.features_dir,
+        device=r.device,
+        precision="auto",
+        num_workers=r.workers,
+        progress=progress,
+        should_stop=r.should_stop,
+        **r.settings.extract_kwargs(),
+    )
+    return _extract_info(ex)
+
+
+def _pretrain_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """``DIR/run``: one model per fold (an interrupted run resumes from its checkpoints)."""
+    from .train import TrainConfig, pretrain
+
+    res = pretrain(
+        r.cohort_csv,
+        r.expression_csv,
+        r.features_dir,
+        r.run_dir,
+        preset=DEMO_PRESET,
+        config=TrainConfig(**{**r.settings.train_kwargs(), "device": r.device}),
+        model_overrides=r.settings.model_overrides(),
+        resume=(r.run_dir / "config.yaml").is_file(),
+        progress=progress,
+        should_stop=r.should_stop,
+    )
+    if not getattr(res, "completed", True):
+        raise MirrorError(f"pretraining of {r.run_dir} stopped before the end; run again.")
+    return {
+        "folds": [
+            {"fold": f.fold, "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss}
+            for f in res.folds
+        ]
+    }
+
+
+def _evaluate_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """``DIR/evaluation``: frozen encoders, heads fitted per fold, scored on held-out patients."""
+    from .evaluation.evaluate import EvaluationSettings, evaluate_run, save_evaluation
+
+    known = {f.name for f in dataclasses.fields(EvaluationSettings)}
+    ev = EvaluationSettings(**{k: v for k, v in r.settings.eval_kwargs().items() if k in known})
+    res = evaluate_run(r.run_dir, ev, device=r.device, progress=progress, should_stop=r.should_stop)
+    save_evaluation(r.eval_dir, {DEMO_PRESET: res}, {DEMO_PRESET: r.run_dir})
+    return {}
+
+
+def _heatmap_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """``DIR/evaluation/heatmap.json`` (+ figure): attention vs the ground-truth tumour masks."""
+    mask_ds = _mask_downsample(r.out)
+    hm = heatmap_tumour_auroc(
+        r.run_dir,
+        r.cohort_csv,
+        r.features_dir,
+        mask_downsample=mask_ds,
+        device="cpu",
+        progress=progress,
+        should_stop=r.should_stop,
+    )
+    fig = r.eval_dir / "figures" / "heatmap_vs_tumour.png"
+    drawn = _heatmap_figure(fig, hm["slides"], r.run_dir, r.cohort_csv, r.features_dir, mask_ds)
+    hm["figure"] = str(fig.relative_to(r.out)) if drawn else None
+    atomic_write_text(r.eval_dir / "heatmap.json", json.dumps(hm, indent=1) + "\n")
+    _write_metrics(r.out, r.settings, r.state, r.timings)
+    return {}
+
+
+def _export_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """``DIR/demo.mirror``: the fold-0 model with its heads and the demo's metrics."""
+    from .evaluation.export import export_bundle
+
+    _write_metrics(r.out, r.settings, r.state, r.timings)
+    ex = export_bundle(
+        r.run_dir,
+        r.bundle_path,
+        fold=0,
+        metrics_path=r.out / "metrics.json",
+        device="cpu",
+        progress=progress,
+        should_stop=r.should_stop,
+    )
+    return {
+        "bundle_sha256": ex.bundle.sha256,
+        "reference_metrics": jsonable(ex.reference_metrics),
+        "notes": ex.notes,
+    }
+
+
+def _report_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
+    """``DIR/metrics.json`` and ``DIR/report.md`` with the figures (rewritten every run)."""
+    r.timings["report"] = 0.0
+    metrics = _write_metrics(r.out, r.settings, r.state, r.timings)
+    _write_report(r.out, r.settings, r.state, metrics)
+    return {}
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One demo stage: ``run(demo_run, progress) -> info`` recorded in ``demo_state.json``.
+    A finished stage is skipped on the next run unless ``always``."""
+
+    name: str
+    run: Callable[[_DemoRun, ProgressFn | None], dict[str, Any]]
+    always: bool = False
+
+
+_STAGE_TABLE: tuple[_Stage, ...] = (
+    _Stage("synth", _synth_stage),
+    _Stage("extract", _extract_stage),
+    _Stage("pretrain", _pretrain_stage),
+    _Stage("evaluate", _evaluate_stage),
+    _Stage("heatmap", _heatmap_stage),
+    _Stage("export", _export_stage),
+    _Stage("report", _report_stage, always=True),
+)
+#: The demo's stages, in order (``DIR/metrics.json["demo"]["stage_seconds"]`` keys).
+STAGES: tuple[str, ...] = tuple(st.name for st in _STAGE_TABLE)
+
+
+# --------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------
 def run_demo(
@@ -706,151 +882,43 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     _save_state(out, state)
     say = log or (lambda msg: None)
-    n_workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
-    cohort_csv, expr_csv = out / "cohort.csv", out / "expression.csv"
-    features_dir, run_dir, eval_dir = out / "features", out / "run", out / "evaluation"
-    bundle_path = out / "demo.mirror"
-    timings: dict[str, float] = {}
+    r = _DemoRun(
+        out=out,
+        settings=s,
+        device=device,
+        workers=workers if workers is not None else max(1, min(4, os.cpu_count() or 1)),
+        should_stop=should_stop,
+        state=state,
+    )
     skipped: list[str] = []
-
-    def done(stage: str) -> bool:
-        return bool(state["stages"].get(stage, {}).get("done"))
-
-    def finish(stage: str, seconds: float, **info: Any) -> None:
-        state["stages"][stage] = {"done": True, "seconds": round(seconds, 2), **info}
-        _save_state(out, state)
-        timings[stage] = round(seconds, 2)
-        say(f"{stage}: done in {seconds:.1f} s")
-
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(_STAGE_TABLE):
         check_cancel(should_stop, "the demo")
-        if done(stage) and stage != "report":
-            skipped.append(stage)
-            timings[stage] = 0.0
-            say(f"{stage}: already done, skipped")
+        if r.done(stage.name) and not stage.always:
+            skipped.append(stage.name)
+            r.timings[stage.name] = 0.0
+            say(f"{stage.name}: already done, skipped")
             continue
-        prog = _stage_progress(progress, i, stage)
         t0 = time.perf_counter()
-        if stage == "synth":
-            from .synth import synthesize_cohort
-
-            synthesize_cohort(
-                out,
-                overwrite=True,
-                workers=n_workers,
-                progress=prog,
-                should_stop=should_stop,
-                **s.synth_kwargs(),
-            )
-            finish(stage, time.perf_counter() - t0)
-        elif stage == "extract":
-            from .extract import extract_cohort
-
-            ex = extract_cohort(
-                cohort_csv,
-                features_dir,
-                device=device,
-                precision="auto",
-                num_workers=n_workers,
-                progress=prog,
-                should_stop=should_stop,
-                **s.extract_kwargs(),
-            )
-            finish(stage, time.perf_counter() - t0, **_extract_info(ex))
-        elif stage == "pretrain":
-            from .train import TrainConfig, pretrain
-
-            tcfg = TrainConfig(**{**s.train_kwargs(), "device": device})
-            resume = (run_dir / "config.yaml").is_file()
-            res = pretrain(
-                cohort_csv,
-                expr_csv,
-                features_dir,
-                run_dir,
-                preset=DEMO_PRESET,
-                config=tcfg,
-                model_overrides=s.model_overrides(),
-                resume=resume,
-                progress=prog,
-                should_stop=should_stop,
-            )
-            if not getattr(res, "completed", True):
-                raise MirrorError(f"pretraining of {run_dir} stopped before the end; run again.")
-            finish(
-                stage,
-                time.perf_counter() - t0,
-                folds=[
-                    {"fold": f.fold, "best_epoch": f.best_epoch, "best_val_loss": f.best_val_loss}
-                    for f in res.folds
-                ],
-            )
-        elif stage == "evaluate":
-            from .evaluation.evaluate import EvaluationSettings, evaluate_run, save_evaluation
-
-            known = {f.name for f in dataclasses.fields(EvaluationSettings)}
-            ev = EvaluationSettings(**{k: v for k, v in s.eval_kwargs().items() if k in known})
-            res = evaluate_run(run_dir, ev, device=device, progress=prog, should_stop=should_stop)
-            save_evaluation(eval_dir, {DEMO_PRESET: res}, {DEMO_PRESET: run_dir})
-            finish(stage, time.perf_counter() - t0)
-        elif stage == "heatmap":
-            mask_ds = _mask_downsample(out)
-            hm = heatmap_tumour_auroc(
-                run_dir,
-                cohort_csv,
-                features_dir,
-                mask_downsample=mask_ds,
-                device="cpu",
-                progress=prog,
-                should_stop=should_stop,
-            )
-            fig = eval_dir / "figures" / "heatmap_vs_tumour.png"
-            hm["figure"] = (
-                str(fig.relative_to(out))
-                if _heatmap_figure(fig, hm["slides"], run_dir, cohort_csv, features_dir, mask_ds)
-                else None
-            )
-            atomic_write_text(eval_dir / "heatmap.json", json.dumps(hm, indent=1) + "\n")
-            _write_metrics(out, s, state, timings)
-            finish(stage, time.perf_counter() - t0)
-        elif stage == "export":
-            from .evaluation.export import export_bundle
-
-            _write_metrics(out, s, state, timings)
-            ex = export_bundle(
-                run_dir,
-                bundle_path,
-                fold=0,
-                metrics_path=out / "metrics.json",
-                device="cpu",
-                progress=prog,
-                should_stop=should_stop,
-            )
-            finish(
-                stage,
-                time.perf_counter() - t0,
-                bundle_sha256=ex.bundle.sha256,
-                reference_metrics=jsonable(ex.reference_metrics),
-                notes=ex.notes,
-            )
-        elif stage == "report":
-            timings[stage] = 0.0
-            metrics = _write_metrics(out, s, state, timings)
-            _write_report(out, s, state, metrics)
-            finish(stage, time.perf_counter() - t0)
+        info = stage.run(r, _stage_progress(progress, i, stage.name))
+        seconds = time.perf_counter() - t0
+        state["stages"][stage.name] = {"done": True, "seconds": round(seconds, 2), **info}
+        _save_state(out, state)
+        r.timings[stage.name] = round(seconds, 2)
+        say(f"{stage.name}: done in {seconds:.1f} s")
     installed = None
     if bundle_out is not None:
         installed = Path(bundle_out).expanduser().resolve()
-        atomic_write_bytes(installed, bundle_path.read_bytes())
-        os.chmod(installed, bundle_path.stat().st_mode & 0o777)
+        atomic_write_bytes(installed, r.bundle_path.read_bytes())
+        os.chmod(installed, r.bundle_path.stat().st_mode & 0o777)
         say(f"bundle copied to {installed}")
-    metrics = _write_metrics(out, s, state, timings)
+    metrics = _write_metrics(out, s, state, r.timings)
     return DemoResult(
         out_dir=out,
         metrics_path=out / "metrics.json",
         report_path=out / "report.md",
-        bundle_path=bundle_path,
+        bundle_path=r.bundle_path,
         metrics=metrics,
-        timings_s=timings,
+        timings_s=r.timings,
         skipped=skipped,
         installed_to=installed,
     )
