@@ -62,7 +62,7 @@ from .distributed import (
 )
 from .splits import Splits, make_splits, patient_subtypes
 
-__all__ = ["FoldResult", "PretrainResult", "pretrain", "train_fold"]
+__all__ = ["FoldResult", "FoldTrainer", "PretrainResult", "pretrain", "train_fold"]
 
 RUN_FORMAT = "mirror-run"
 RUN_FORMAT_VERSION = 1
@@ -363,6 +363,330 @@ def _check_resume_compatible(
         )
 
 
+class FoldTrainer:
+    """Trains one fold: :meth:`__init__` sets up (model, optimiser, schedule, loaders, resume
+    state), :meth:`step` is one optimisation step, :meth:`end_of_epoch` validates, logs, keeps
+    the best model and checkpoints, :meth:`fit` is the loop. :func:`train_fold` is the usual
+    entry point.
+
+    Seeding is per fold and per rank and happens here in a fixed order (model init, then the
+    model's own randomness), so a run is a pure function of ``config.seed``; a resumed run
+    restores every RNG state from ``last.ckpt`` and continues bit for bit.
+    """
+
+    def __init__(
+        self,
+        model_config: Any,
+        data: FoldData,
+        config: TrainConfig,
+        fold_dir: str | os.PathLike[str],
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        ctx: DistContext | None = None,
+        resume: bool = False,
+        should_stop: StopFn | None = None,
+        stop_flag: _StopFlag | None = None,
+    ) -> None:
+        self.ctx = ctx = ctx or DistContext()
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.fold_dir = Path(fold_dir)
+        if ctx.is_main:
+            self.fold_dir.mkdir(parents=True, exist_ok=True)
+        self.stop = stop_flag or _StopFlag(should_stop)
+        self.config = tcfg = config
+        self.model_config = model_config
+        self.data = data
+        self.fold = k = data.fold
+        self._check_sizes()
+
+        # -- model, optimiser, schedule (seeded identically on every rank) ------------------
+        _seed_all(_derived_seed(tcfg.seed, 5, k))
+        self.model = _make_model(model_config).to(self.device)
+        broadcast_parameters(self.model, ctx)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(
+            self.params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
+        )
+        self.train_loader = self._loader(data.train, tcfg.tiles_per_slide, 6, train=True)
+        self.val_loader = self._loader(data.val, tcfg.val_tiles, 7, train=False)
+        steps_per_epoch = self.train_loader.steps_per_epoch()
+        self.total_steps = total = steps_per_epoch * tcfg.epochs
+        warmup = int(round(tcfg.warmup_epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, total, warmup, tcfg.schedule, tcfg.min_lr_ratio),
+        )
+        # per-rank stream for the model's own randomness (masks, sampling, dropout)
+        _seed_all(_derived_seed(tcfg.seed, 8, k, ctx.rank))
+
+        self.state = TrainState()
+        self.ckpt_path = self.fold_dir / "last.ckpt"
+        self.log = _MetricLog(self.fold_dir, ctx.is_main)
+        if resume and self.ckpt_path.is_file():
+            self._restore()
+        elif ctx.is_main:
+            self.log.truncate_to_epoch(0)
+        self._t_start = time.perf_counter() - self.state.seconds
+
+    # -- setup ------------------------------------------------------------------------------
+    def _check_sizes(self) -> None:
+        ctx, tcfg, k = self.ctx, self.config, self.fold
+        if tcfg.batch_size % ctx.world_size:
+            raise ConfigError(
+                f"batch_size={tcfg.batch_size} is the global batch and must be divisible by the number of "
+                f"processes ({ctx.world_size})."
+            )
+        for name, bags in (("training", self.data.train), ("inner-validation", self.data.val)):
+            if len(bags) < ctx.world_size:
+                raise ConfigError(
+                    f"fold {k} has {len(bags)} {name} patient(s), fewer than the {ctx.world_size} processes; "
+                    "use fewer processes or a larger inner_val_fraction."
+                )
+
+    def _loader(self, bags: PatientBags, tiles: int, stream: int, *, train: bool) -> BatchLoader:
+        tcfg = self.config
+        return BatchLoader(
+            bags,
+            tcfg.batch_size,
+            tiles,
+            _derived_seed(tcfg.seed, stream, self.fold),
+            train=train,
+            multi_slide=tcfg.multi_slide,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            num_workers=tcfg.num_workers,
+        )
+
+    def _restore(self) -> None:
+        """Continue from ``last.ckpt``: weights, optimiser, schedule, counters, RNG states."""
+        payload = load_checkpoint(self.ckpt_path)
+        _check_resume_compatible(payload["extra"], self.config, self.model_config, self.ckpt_path)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = payload["train_state"]
+        restore_rng_state(payload["rng"])
+        if self.ctx.rank != 0:
+            # Only rank 0's RNG state is stored; the other ranks (whose randomness is limited to
+            # the model's masks/dropout — data sampling is seeded per step) re-derive a stream.
+            # Bitwise resume equality is therefore guaranteed for single-process runs.
+            _seed_all(
+                _derived_seed(self.config.seed, 9, self.fold, self.ctx.rank, self.state.global_step)
+            )
+        self.log.truncate_to_epoch(self.state.epoch)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Rewrite ``last.ckpt`` (the full resume state) atomically; rank 0 only."""
+        self.state.seconds = time.perf_counter() - self._t_start
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(
+            self.ckpt_path,
+            model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            train_state=self.state,
+            rng_state=capture_rng_state(),
+            extra={
+                "training": self.config.to_dict(),
+                "model": self.model_config.to_dict(),
+                "fold": self.fold,
+                "world_size": self.ctx.world_size,
+            },
+        )
+
+    def save_best(self, val_loss: float, epoch: int) -> None:
+        """Write ``best.safetensors`` and ``model.json`` for the epoch with the best val loss."""
+        if not self.ctx.is_main:
+            return
+        save_safetensors_state(
+            self.fold_dir / "best.safetensors",
+            self.model.state_dict(),
+            metadata={"fold": str(self.fold), "epoch": str(epoch)},
+        )
+        save_json(
+            self.fold_dir / "model.json",
+            {
+                "format": "mirror-fold-model",
+                "version": RUN_FORMAT_VERSION,
+                "fold": self.fold,
+                "model_config": self.model_config.to_dict(),
+                "preprocessing": self.data.preprocessing,
+                "encoder": self.data.encoder_spec,
+                "training": self.config.to_dict(),
+                "n_train": len(self.data.train),
+                "n_val": len(self.data.val),
+                "best_epoch": epoch,
+                "best_val_loss": val_loss,
+            },
+        )
+
+    # -- the loop's parts -------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        """Should stop (``should_stop``, Ctrl-C); under DDP, any rank asking stops all."""
+        flag = self.stop.requested()
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
+    def step(self, epoch: int, step: int, batch: Any) -> dict[str, float]:
+        """One optimisation step on ``batch``; returns the loss terms (mean over ranks).
+
+        Raises TrainingError, before any update, when a loss term is not finite.
+        """
+        tcfg, state = self.config, self.state
+        if hasattr(self.model, "renormalize_prototypes"):
+            self.model.renormalize_prototypes()
+        x = batch.features.to(self.device, non_blocking=True)
+        r = batch.rna.to(self.device, non_blocking=True)
+        loss, terms = _forward_losses(self.model, x, r, self.device, self.precision)
+        # plain mean over ranks: clip_loss scales each rank's share so that this equals the
+        # single-process loss of the global batch (shards are equal in training)
+        vals = _reduce_terms(loss, terms, self.ctx, 1.0)
+        self._check_finite(vals, epoch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.params, self.ctx)
+        if tcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        state.global_step += 1
+        state.step_in_epoch = step + 1
+        state.epoch_count += 1
+        for n, v in vals.items():
+            state.epoch_sums[n] = state.epoch_sums.get(n, 0.0) + v
+        return vals
+
+    def _check_finite(self, vals: Mapping[str, float], epoch: int, step: int) -> None:
+        bad = _first_bad(vals)
+        if bad is None:
+            return
+        state = self.state
+        detail = ", ".join(f"{n}={v:.4g}" for n, v in vals.items())
+        kept = (
+            f"the last good checkpoint {self.ckpt_path} (epoch {state.epoch}, step "
+            f"{state.step_in_epoch}) was kept"
+            if self.ckpt_path.is_file()
+            else "no checkpoint had been written yet"
+        )
+        raise TrainingError(
+            f"non-finite loss in fold {self.fold} at epoch {epoch}, step {step} (global step "
+            f"{state.global_step}): term '{bad}' is {vals.get(bad, vals['loss'])} ({detail}); "
+            f"{kept}. Try a lower --lr, --precision fp32, gradient clipping (--set "
+            "grad_clip=1.0), or check the expression values for extreme entries."
+        )
+
+    def validate(self) -> dict[str, float]:
+        """Mean loss terms over the inner-validation patients (fixed tiles and masks)."""
+        return _evaluate(
+            self.model, self.val_loader, self.device, self.precision, self.ctx, self.config.seed
+        )
+
+    def end_of_epoch(self, epoch: int) -> dict[str, float]:
+        """Validate, append the log row, keep the best model, checkpoint; returns val terms."""
+        state = self.state
+        val = self.validate()
+        row: dict[str, Any] = {"epoch": epoch, "step": state.global_step}
+        cnt = max(state.epoch_count, 1)
+        for n, v in state.epoch_sums.items():
+            row["train_" + n] = v / cnt
+        for n, v in val.items():
+            row["val_" + n] = v
+        improved = math.isfinite(val["loss"]) and val["loss"] < state.best_val_loss
+        row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        state.seconds = time.perf_counter() - self._t_start
+        row["seconds"] = round(state.seconds, 3)
+        row["best"] = bool(improved)
+        self.log.append(row)
+        if improved:
+            state.best_val_loss = float(val["loss"])
+            state.best_epoch = epoch
+            self.save_best(state.best_val_loss, epoch)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.epoch_sums = {}
+        state.epoch_count = 0
+        self.save_checkpoint()
+        return val
+
+    def result(self, completed: bool) -> FoldResult:
+        s = self.state
+        return FoldResult(
+            self.fold,
+            self.fold_dir,
+            s.best_epoch,
+            s.best_val_loss,
+            s.epoch,
+            s.global_step,
+            completed,
+            len(self.data.train),
+            len(self.data.val),
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, progress: ProgressFn | None = None, progress_bar: bool = False) -> FoldResult:
+        """Train to ``config.epochs`` (or ``max_steps``: ``completed=False``).
+
+        Raises Cancelled when asked to stop, after checkpointing the last completed step.
+        """
+        tcfg, state, k = self.config, self.state, self.fold
+        bar = None
+        if progress_bar and self.ctx.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.total_steps,
+                initial=state.global_step,
+                desc=f"fold {k}",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        self.model.train()
+        self._t_start = time.perf_counter() - state.seconds
+        try:
+            while state.epoch < tcfg.epochs:
+                epoch = state.epoch
+                for step, batch in self.train_loader.iterate(epoch, state.step_in_epoch):
+                    if tcfg.max_steps is not None and state.global_step >= tcfg.max_steps:
+                        self.save_checkpoint()
+                        return self.result(completed=False)
+                    if self.stop_requested():
+                        self.save_checkpoint()
+                        raise Cancelled(
+                            f"pretraining of fold {k} was stopped at epoch {epoch}, step {step}; the state was "
+                            f"saved to {self.ckpt_path} — run again with --resume (resume=True) to continue."
+                        )
+                    vals = self.step(epoch, step, batch)
+                    if bar is not None and (state.global_step % tcfg.log_every_steps == 0):
+                        bar.set_postfix({n: f"{v:.3f}" for n, v in vals.items()}, refresh=False)
+                        bar.update(tcfg.log_every_steps)
+                    report(progress, state.global_step, self.total_steps, f"pretraining fold {k}")
+                    if (
+                        tcfg.checkpoint_every_steps
+                        and state.global_step % tcfg.checkpoint_every_steps == 0
+                    ):
+                        self.save_checkpoint()
+                val = self.end_of_epoch(epoch)
+                if bar is not None:
+                    bar.set_description(
+                        f"fold {k} epoch {epoch + 1}/{tcfg.epochs} val {val['loss']:.3f}"
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+        self.ctx.barrier()
+        return self.result(completed=True)
+
+
 def train_fold(
     model_config: Any,
     data: FoldData,
@@ -389,266 +713,19 @@ def train_fold(
         Non-finite loss (the message names the step and the term; ``last.ckpt`` is left as it was),
         or an incompatible checkpoint on resume.
     """
-    ctx = ctx or DistContext()
-    device = resolve_device(device)
-    fold_dir = Path(fold_dir)
-    if ctx.is_main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-    stop = stop_flag or _StopFlag(should_stop)
-    tcfg = config
-    k = data.fold
-    if tcfg.batch_size % ctx.world_size:
-        raise ConfigError(
-            f"batch_size={tcfg.batch_size} is the global batch and must be divisible by the number of "
-            f"processes ({ctx.world_size})."
-        )
-    for name, bags in (("training", data.train), ("inner-validation", data.val)):
-        if len(bags) < ctx.world_size:
-            raise ConfigError(
-                f"fold {k} has {len(bags)} {name} patient(s), fewer than the {ctx.world_size} processes; "
-                "use fewer processes or a larger inner_val_fraction."
-            )
-
-    # -- model, optimiser, schedule (seeded identically on every rank) ---------------------
-    _seed_all(_derived_seed(tcfg.seed, 5, k))
-    model = _make_model(model_config).to(device)
-    broadcast_parameters(model, ctx)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
-    train_loader = BatchLoader(
-        data.train,
-        tcfg.batch_size,
-        tcfg.tiles_per_slide,
-        _derived_seed(tcfg.seed, 6, k),
-        train=True,
-        multi_slide=tcfg.multi_slide,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        num_workers=tcfg.num_workers,
-    )
-    val_loader = BatchLoader(
-        data.val,
-        tcfg.batch_size,
-        tcfg.val_tiles,
-        _derived_seed(tcfg.seed, 7, k),
-        train=False,
-        multi_slide=tcfg.multi_slide,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        num_workers=tcfg.num_workers,
-    )
-    steps_per_epoch = train_loader.steps_per_epoch()
-    total_steps = steps_per_epoch * tcfg.epochs
-    warmup_steps = int(round(tcfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total_steps, warmup_steps, tcfg.schedule, tcfg.min_lr_ratio),
-    )
-    # per-rank stream for the model's own randomness (masks, sampling, dropout)
-    _seed_all(_derived_seed(tcfg.seed, 8, k, ctx.rank))
-
-    state = TrainState()
-    ckpt_path = fold_dir / "last.ckpt"
-    log = _MetricLog(fold_dir, ctx.is_main)
-    if resume and ckpt_path.is_file():
-        payload = load_checkpoint(ckpt_path)
-        _check_resume_compatible(payload["extra"], tcfg, model_config, ckpt_path)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        state = payload["train_state"]
-        restore_rng_state(payload["rng"])
-        if ctx.rank != 0:
-            # Only rank 0's RNG state is stored; the other ranks (whose randomness is limited to
-            # the model's masks/dropout — data sampling is seeded per step) re-derive a stream.
-            # Bitwise resume equality is therefore guaranteed for single-process runs.
-            _seed_all(_derived_seed(tcfg.seed, 9, k, ctx.rank, state.global_step))
-        log.truncate_to_epoch(state.epoch)
-    elif ctx.is_main:
-        log.truncate_to_epoch(0)
-
-    model_json_base = {
-        "format": "mirror-fold-model",
-        "version": RUN_FORMAT_VERSION,
-        "fold": k,
-        "model_config": model_config.to_dict(),
-        "preprocessing": data.preprocessing,
-        "encoder": data.encoder_spec,
-        "training": tcfg.to_dict(),
-        "n_train": len(data.train),
-        "n_val": len(data.val),
-    }
-
-    def save_last() -> None:
-        if not ctx.is_main:
-            return
-        save_checkpoint(
-            ckpt_path,
-            model_state=model.state_dict(),
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            train_state=state,
-            rng_state=capture_rng_state(),
-            extra={
-                "training": tcfg.to_dict(),
-                "model": model_config.to_dict(),
-                "fold": k,
-                "world_size": ctx.world_size,
-            },
-        )
-
-    def save_best(val_loss: float, epoch: int) -> None:
-        if not ctx.is_main:
-            return
-        save_safetensors_state(
-            fold_dir / "best.safetensors",
-            model.state_dict(),
-            metadata={"fold": str(k), "epoch": str(epoch)},
-        )
-        save_json(
-            fold_dir / "model.json",
-            {**model_json_base, "best_epoch": epoch, "best_val_loss": val_loss},
-        )
-
-    bar = None
-    if progress_bar and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=total_steps,
-            initial=state.global_step,
-            desc=f"fold {k}",
-            unit="step",
-            dynamic_ncols=True,
-        )
-    model.train()
-    t_start = time.perf_counter() - state.seconds
-
-    def stop_requested() -> bool:
-        flag = stop.requested()
-        if ctx.distributed:
-            import torch.distributed as dist
-
-            t = torch.tensor([1.0 if flag else 0.0], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item() > 0)
-        return flag
-
-    try:
-        while state.epoch < tcfg.epochs:
-            epoch = state.epoch
-            for step, batch in train_loader.iterate(epoch, state.step_in_epoch):
-                if tcfg.max_steps is not None and state.global_step >= tcfg.max_steps:
-                    state.seconds = time.perf_counter() - t_start
-                    save_last()
-                    return FoldResult(
-                        k,
-                        fold_dir,
-                        state.best_epoch,
-                        state.best_val_loss,
-                        state.epoch,
-                        state.global_step,
-                        False,
-                        len(data.train),
-                        len(data.val),
-                    )
-                if stop_requested():
-                    state.seconds = time.perf_counter() - t_start
-                    save_last()
-                    raise Cancelled(
-                        f"pretraining of fold {k} was stopped at epoch {epoch}, step {step}; the state was "
-                        f"saved to {ckpt_path} — run again with --resume (resume=True) to continue."
-                    )
-                model_core = model
-                if hasattr(model_core, "renormalize_prototypes"):
-                    model_core.renormalize_prototypes()
-                x = batch.features.to(device, non_blocking=True)
-                r = batch.rna.to(device, non_blocking=True)
-                loss, terms = _forward_losses(model, x, r, device, precision)
-                # plain mean over ranks: clip_loss scales each rank's share so that this equals the
-                # single-process loss of the global batch (shards are equal in training)
-                vals = _reduce_terms(loss, terms, ctx, 1.0)
-                bad = _first_bad(vals)
-                if bad is not None:
-                    detail = ", ".join(f"{n}={v:.4g}" for n, v in vals.items())
-                    kept = (
-                        f"the last good checkpoint {ckpt_path} (epoch {state.epoch}, step "
-                        f"{state.step_in_epoch}) was kept"
-                        if ckpt_path.is_file()
-                        else "no checkpoint had been written yet"
-                    )
-                    raise TrainingError(
-                        f"non-finite loss in fold {k} at epoch {epoch}, step {step} (global step "
-                        f"{state.global_step}): term '{bad}' is {vals.get(bad, vals['loss'])} ({detail}); "
-                        f"{kept}. Try a lower --lr, --precision fp32, gradient clipping (--set "
-                        "grad_clip=1.0), or check the expression values for extreme entries."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params, ctx)
-                if tcfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                state.global_step += 1
-                state.step_in_epoch = step + 1
-                state.epoch_count += 1
-                for n, v in vals.items():
-                    state.epoch_sums[n] = state.epoch_sums.get(n, 0.0) + v
-                if bar is not None and (state.global_step % tcfg.log_every_steps == 0):
-                    bar.set_postfix({n: f"{v:.3f}" for n, v in vals.items()}, refresh=False)
-                    bar.update(tcfg.log_every_steps)
-                report(progress, state.global_step, total_steps, f"pretraining fold {k}")
-                if (
-                    tcfg.checkpoint_every_steps
-                    and state.global_step % tcfg.checkpoint_every_steps == 0
-                ):
-                    state.seconds = time.perf_counter() - t_start
-                    save_last()
-            # -- end of epoch: validation, log, best model, checkpoint ---------------------
-            val = _evaluate(model, val_loader, device, precision, ctx, tcfg.seed)
-            lr_now = float(optimizer.param_groups[0]["lr"])
-            row: dict[str, Any] = {"epoch": epoch, "step": state.global_step}
-            cnt = max(state.epoch_count, 1)
-            for n, v in state.epoch_sums.items():
-                row["train_" + n] = v / cnt
-            for n, v in val.items():
-                row["val_" + n] = v
-            improved = math.isfinite(val["loss"]) and val["loss"] < state.best_val_loss
-            row["lr"] = lr_now
-            state.seconds = time.perf_counter() - t_start
-            row["seconds"] = round(state.seconds, 3)
-            row["best"] = bool(improved)
-            log.append(row)
-            if improved:
-                state.best_val_loss = float(val["loss"])
-                state.best_epoch = epoch
-                save_best(state.best_val_loss, epoch)
-            state.epoch += 1
-            state.step_in_epoch = 0
-            state.epoch_sums = {}
-            state.epoch_count = 0
-            save_last()
-            if bar is not None:
-                bar.set_description(
-                    f"fold {k} epoch {epoch + 1}/{tcfg.epochs} val {val['loss']:.3f}"
-                )
-    finally:
-        if bar is not None:
-            bar.close()
-    ctx.barrier()
-    return FoldResult(
-        k,
+    trainer = FoldTrainer(
+        model_config,
+        data,
+        config,
         fold_dir,
-        state.best_epoch,
-        state.best_val_loss,
-        state.epoch,
-        state.global_step,
-        True,
-        len(data.train),
-        len(data.val),
+        device=device,
+        precision=precision,
+        ctx=ctx,
+        resume=resume,
+        should_stop=should_stop,
+        stop_flag=stop_flag,
     )
+    return trainer.fit(progress=progress, progress_bar=progress_bar)
 
 
 # ---------------------------------------------------------------------------------- cohort level
