@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ExpressionError
+from .ids import is_tcga_barcode, patient_key, tcga_sample_type
 
 __all__ = [
     "ORIENTATIONS",
@@ -50,7 +51,6 @@ NanPolicy = Literal["error", "zero", "drop-genes"]
 
 _MAX_LISTED = 10
 _NA_TOKENS = ["", "NA", "N/A", "n/a", "NaN", "nan", "-nan", "NULL", "null", "#N/A", "None", "none"]
-_TCGA_RE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*[GT]\d{6,}(\.\d+)?$", re.IGNORECASE)
 # HGNC-like symbols: upper-case letters and digits, maybe '-', '.', '_' or '@' (HLA-A, C1orf112)
 # and mouse/rat style (Trp53). Must contain a letter, must not be all digits.
@@ -116,23 +116,6 @@ _ANNOTATION_COLUMNS = {
 }
 
 
-def patient_key(sample_id: str) -> str:
-    """The key a sample ID is matched on: first 12 characters (upper case) of a TCGA barcode,
-    the stripped ID otherwise."""
-    s = str(sample_id).strip()
-    if _TCGA_RE.match(s):
-        return s[:12].upper()
-    return s
-
-
-def _tcga_sample_type(sample_id: str) -> int | None:
-    """Two-digit TCGA sample type (01 primary tumour … 10-19 normal), None when absent."""
-    s = str(sample_id).strip()
-    if _TCGA_RE.match(s) and len(s) >= 15 and s[12] == "-" and s[13:15].isdigit():
-        return int(s[13:15])
-    return None
-
-
 def _gene_key(gene: str) -> str:
     """Loose gene key: Ensembl version removed, upper case."""
     g = str(gene).strip()
@@ -145,7 +128,7 @@ def _gene_score(labels: Sequence[str]) -> float:
     if len(labels) == 0:
         return 0.0
     hits = sum(
-        1 for s in labels if (_ENSEMBL_RE.match(s) or _SYMBOL_RE.match(s)) and not _TCGA_RE.match(s)
+        1 for s in labels if (_ENSEMBL_RE.match(s) or _SYMBOL_RE.match(s)) and not is_tcga_barcode(s)
     )
     return hits / len(labels)
 
@@ -155,7 +138,7 @@ def _sample_score(labels: Sequence[str]) -> float:
         return 0.0
     hits = 0
     for s in labels:
-        if _TCGA_RE.match(s) or _SAMPLE_HINT_RE.search(s):
+        if is_tcga_barcode(s) or _SAMPLE_HINT_RE.search(s):
             hits += 1
         elif re.fullmatch(r"[0-9][0-9A-Za-z._-]*", s):  # IDs starting with a digit: not symbols
             hits += 1
@@ -273,7 +256,7 @@ class ExpressionTable:
                 continue
             cand = by_key.get(patient_key(p), [])
             if len(cand) > 1:
-                tumour = [i for i in cand if (_tcga_sample_type(self.sample_ids[i]) or 99) < 10]
+                tumour = [i for i in cand if (tcga_sample_type(self.sample_ids[i]) or 99) < 10]
                 if len(tumour) == 1:
                     cand = tumour
                 elif on_ambiguous == "first":

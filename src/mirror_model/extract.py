@@ -28,6 +28,7 @@ from ._device import autocast, resolve_device, resolve_precision
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import CohortError, ConfigError, FeatureFileError, MirrorError
 from .features import FeatureFile, check_encoder, read_features, write_features
+from .ids import slide_stem
 from .patch_encoders import PatchEncoder, create_patch_encoder
 from .slide import SlideHandle, TileGrid, make_tile_grid, open_slide
 
@@ -483,7 +484,7 @@ def extract_slide(
     dev = resolve_device(device)
     enc = _get_encoder(encoder, weights, dev, encoder_kwargs)
     out = Path(out_path)
-    sid = slide_id or _slide_stem(Path(slide_path))
+    sid = slide_id or slide_stem(slide_path)
     if out.exists() and not overwrite:
         existing = _existing_valid(out)
         if existing is not None:
@@ -515,14 +516,6 @@ def extract_slide(
     return SlideExtraction(
         sid, Path(slide_path), out, "extracted", ff.n_tiles, time.perf_counter() - t0
     )
-
-
-def _slide_stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _existing_valid(path: Path) -> FeatureFile | None:

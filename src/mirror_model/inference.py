@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import numpy as np
 
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
+from .ids import match_sample, slide_stem
 from .maps import ATTENTION, TileMap, attention_map, rank_tiles
 
 __all__ = [
@@ -59,28 +59,6 @@ __all__ = [
     "slide_stem",
 ]
 
-# Extensions stripped from a slide file name before matching it to sample IDs.
-_SLIDE_SUFFIXES = (
-    ".ome.tiff",
-    ".ome.tif",
-    ".svs",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".tiff",
-    ".tif",
-    ".vms",
-    ".vmu",
-    ".svslide",
-    ".bif",
-    ".h5",
-    ".pt",
-    ".pth",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
-_TCGA_RE = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,71 +362,6 @@ def _tile_uuid(*parts: object) -> str:
     import uuid
 
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "napari-mirror:" + ":".join(map(str, parts))))
-
-
-# --------------------------------------------------------------------------------------------
-# sample matching
-# --------------------------------------------------------------------------------------------
-def slide_stem(path: str | os.PathLike[str]) -> str:
-    """File name of a slide without its (possibly double) extension (``a.ome.tif`` → ``a``)."""
-    name = Path(path).name
-    low = name.lower()
-    for suf in _SLIDE_SUFFIXES:
-        if low.endswith(suf) and len(name) > len(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
-
-
-def match_sample(table: Any, slide_path: str | os.PathLike[str] | None) -> str | None:
-    """The expression row (sample ID) that belongs to a slide, or None when unclear.
-
-    Rules, in order: a table with one row → that row; a sample ID equal to the slide's file
-    name (without extension) → it; TCGA barcodes → the samples sharing the slide's first 12
-    characters (patient), preferring a primary-tumour sample (type 01–09) when several;
-    otherwise the longest sample ID that is a prefix of the file name followed by a separator
-    (``P007`` for ``P007_HE.svs``) or that contains the file name followed by one. Ambiguous
-    or no match → None (the caller asks the user).
-
-    Parameters
-    ----------
-    table : ExpressionTable or a sequence of sample IDs.
-    slide_path : the slide (or its feature file); None → only the one-row rule applies.
-    """
-    ids = [str(s) for s in (table.sample_ids if hasattr(table, "sample_ids") else table)]
-    if len(ids) == 1:
-        return ids[0]
-    if not ids or slide_path is None:
-        return None
-    stem = slide_stem(slide_path)
-    if stem in ids:
-        return stem
-    low = {s.lower(): s for s in ids}
-    if stem.lower() in low and sum(s.lower() == stem.lower() for s in ids) == 1:
-        return low[stem.lower()]
-    if _TCGA_RE.match(stem):
-        key = stem[:12].upper()
-        cands = [s for s in ids if s[:12].upper() == key]
-        if len(cands) > 1:
-            tumour = [s for s in cands if _tcga_type(s) is not None and _tcga_type(s) < 10]
-            # the slide's own sample type, when its barcode has one, decides first
-            own = [s for s in cands if len(stem) >= 15 and s[:15].upper() == stem[:15].upper()]
-            cands = own if len(own) == 1 else tumour
-        return cands[0] if len(cands) == 1 else None
-    seps = "_-. "
-    pref = [s for s in ids if len(s) < len(stem) and stem.startswith(s) and stem[len(s)] in seps]
-    if pref:
-        best = max(len(s) for s in pref)
-        top = [s for s in pref if len(s) == best]
-        return top[0] if len(top) == 1 else None
-    cont = [s for s in ids if len(stem) < len(s) and s.startswith(stem) and s[len(stem)] in seps]
-    return cont[0] if len(cont) == 1 else None
-
-
-def _tcga_type(sample_id: str) -> int | None:
-    s = sample_id.strip()
-    if len(s) >= 15 and s[12] == "-" and s[13:15].isdigit():
-        return int(s[13:15])
-    return None
 
 
 # --------------------------------------------------------------------------------------------

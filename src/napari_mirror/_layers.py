@@ -95,6 +95,7 @@ def slide_layer_data(
     mirror_model.errors.SlideError
         The slide cannot be opened or has no resolution.
     """
+    from mirror_model.ids import slide_stem
     from mirror_model.slide import open_slide
 
     from ._pyramid import DEFAULT_CHUNK_PX, slide_pyramid
@@ -105,10 +106,7 @@ def slide_layer_data(
     info["display_downsamples"] = pyr.downsamples
     info.update(extra_metadata or {})
     s = float(slide.mpp)
-    p = Path(path)
-    stem = p.name[: -len(".ome.tiff")] if p.name.lower().endswith(".ome.tiff") else p.stem
-    if stem.lower().endswith(".ome"):
-        stem = stem[:-4]
+    stem = slide_stem(path)
     kwargs: dict[str, Any] = {
         "name": name or stem,
         "rgb": True,

@@ -8,38 +8,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mirror_model.ids import SLIDE_SUFFIXES, has_slide_suffix
+
 __all__ = ["SLIDE_SUFFIXES", "can_read", "napari_get_reader", "read_slides"]
 
 log = logging.getLogger(__name__)
 
-#: File name endings the reader looks at (napari.yaml's filename_patterns list the same).
-SLIDE_SUFFIXES = (
-    ".svs",
-    ".ndpi",
-    ".tif",
-    ".tiff",
-    ".mrxs",
-    ".scn",
-    ".bif",
-    ".vms",
-    ".vmu",
-    ".svslide",
-    ".ome.tif",
-    ".ome.tiff",
-)
-
 PathLike = str | os.PathLike[str]
-
-
-def _has_slide_suffix(path: PathLike) -> bool:
-    name = os.fspath(path).lower()
-    return name.endswith(SLIDE_SUFFIXES)
 
 
 def can_read(path: PathLike) -> bool:
     """True when ``path`` has a slide suffix and :func:`mirror_model.slide.open_slide` opens it
     with a known resolution (so a plain microscopy TIFF without one goes to napari's own reader)."""
-    if not _has_slide_suffix(path) or not os.path.isfile(path):
+    if not has_slide_suffix(path) or not os.path.isfile(path):
         return False
     try:
         from mirror_model.errors import MirrorError
