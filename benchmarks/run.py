@@ -52,6 +52,7 @@ from _harness import (  # noqa: E402
 # Cheapest first: with --deadline-s, the expensive authors'-size training step comes last.
 MODULES = [
     "bench_matmul",
+    "bench_expression",
     "bench_slide_inference",
     "bench_extraction",
     "bench_plugin",

@@ -161,3 +161,44 @@ def test_unknown_patient_in_slides_for(tmp_path):
     c = read_cohort(write(tmp_path, HEADER + "P1,S1,a.tif,A,1,1\n"))
     with pytest.raises(CohortError, match="no patient 'P9'"):
         c.slides_for("P9")
+
+
+# ---------------------------------------------------------------------------- slide columns
+
+
+def test_expression_only_cohort(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("patient_id,subtype,time,event\nP1,a,10,1\nP2,b,5,0\nP3,,7,1\n")
+    coh = read_cohort(p)
+    assert not coh.has_slides and coh.slide_ids == [] and coh.missing_files() == []
+    pat = coh.patients()
+    assert pat["patient_id"].tolist() == ["P1", "P2", "P3"]
+    assert pat["slide_ids"].tolist() == [[], [], []] and pat["n_slides"].tolist() == [0, 0, 0]
+    assert coh.slides_for("P2") == []
+    read_cohort(p, check_files=True)  # nothing to check
+    p.write_text("patient_id,time,event\nP1,10,1\nP2,5,0\nP1,10,1\n")
+    msg = str(pytest.raises(CohortError, read_cohort, p).value)
+    assert "expression-only" in msg and "'P1' on lines 2, 4" in msg
+
+
+def test_slide_id_defaults_to_the_file_name(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("patient_id,slide_path\nP1,slides/S1.ome.tiff\nP2,slides/S2.svs\n")
+    coh = read_cohort(p)
+    assert coh.has_slides and coh.slide_ids == ["S1", "S2"]
+
+
+def test_one_slide_file_on_many_rows_is_refused(tmp_path):
+    p = tmp_path / "c.csv"
+    rows = "".join(f"P{i},S{i},slides/same.svs\n" for i in range(5))
+    p.write_text("patient_id,slide_id,slide_path\n" + rows)
+    msg = str(pytest.raises(CohortError, read_cohort, p).value)
+    assert "same slide file is listed on several rows" in msg and "same.svs on 5 rows" in msg
+    assert "lines 2, 3, 4, 5, 6" in msg
+
+
+def test_url_slide_path_is_refused(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("patient_id,slide_id,slide_path\nP1,S1,http://example.org/s1.svs\n")
+    msg = str(pytest.raises(CohortError, read_cohort, p).value)
+    assert "line 2" in msg and "is a URL" in msg and "local files" in msg

@@ -249,3 +249,78 @@ def test_matrix_and_subset():
 def test_shape_mismatch_in_constructor():
     with pytest.raises(ExpressionError, match="do not match"):
         ExpressionTable(values=np.zeros((2, 2)), sample_ids=["a"], genes=["x", "y"])
+
+
+# ---------------------------------------------------------------------------- linear-time reader
+
+
+@pytest.mark.parametrize("sep, ext", [(",", "csv"), ("\t", "tsv")])
+@pytest.mark.parametrize("samples_as_rows", [True, False])
+def test_wide_table_round_trip_both_orientations(tmp_path, sep, ext, samples_as_rows):
+    """A 7 x 3,001 table with NA tokens, quoted lines, CRLF and a blank line: every value is
+    the float32 of its text, the NA cells are named in the error, and 'zero' reads them as 0."""
+    rng = np.random.default_rng(1)
+    S, G = 7, 3001
+    vals = np.round(rng.gamma(2.0, 2.0, (S, G)), 4)
+    text = vals.astype(str)
+    text[2, 17] = "NA"
+    text[5, 3000] = ""
+    samples = [f"TCGA-AB-{i:04d}-01A" for i in range(S)]
+    genes = [f"GENE{g}" for g in range(G)]
+    lines = []
+    if samples_as_rows:
+        lines.append(sep.join(["sample_id", *genes]))
+        for i in range(S):
+            cells = [samples[i], *text[i]]
+            if i == 1:  # a quoted line
+                cells = [f'"{c}"' for c in cells]
+            lines.append(sep.join(cells))
+    else:
+        lines.append(sep.join(["gene_id", *samples]))
+        for g in range(G):
+            lines.append(sep.join([genes[g], *text[:, g]]))
+    lines.insert(3, "")
+    p = tmp_path / f"wide.{ext}"
+    p.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    with pytest.raises(ExpressionError, match="2 missing values") as err:
+        read_expression(p)
+    na_line = 5 if samples_as_rows else 20  # the blank line 4 shifts the lines below it
+    assert f"line {na_line}, column" in str(err.value) and "gene GENE17" in str(err.value)
+    t = read_expression(p, nan_policy="zero")
+    assert t.orientation == ("samples x genes" if samples_as_rows else "genes x samples")
+    assert t.sample_ids == samples and t.genes == genes
+    want = vals.astype(np.float32)
+    want[2, 17] = want[5, 3000] = 0
+    np.testing.assert_array_equal(t.values, want)
+    assert t.values.flags.c_contiguous and t.values.dtype == np.float32
+
+
+def test_median_policy_keeps_missing_cells(tmp_path):
+    p = write(tmp_path, "sample_id,TP53,EGFR\nS-1,1.5,NA\nS-2,2.5,3.5\nS-3,,4.5\n")
+    t = read_expression(p, nan_policy="median")
+    assert t.nan_policy == "median"
+    assert np.isnan(t.values[0, 1]) and np.isnan(t.values[2, 0])
+    assert any("2 missing values in 2 genes" in w and "median" in w for w in t.warnings)
+    with pytest.raises(ExpressionError, match="nan_policy must be one of"):
+        read_expression(p, nan_policy="mean")  # type: ignore[arg-type]
+
+
+def test_zero_policy_warns_on_a_log_scale(tmp_path):
+    p = write(tmp_path, "sample_id,TP53,EGFR\nS-1,5.52,NA\nS-2,6.25,3.5\n")
+    t = read_expression(p, nan_policy="zero")
+    assert any("looks log-scaled" in w and "0.5" not in w and "3.5" in w for w in t.warnings)
+
+
+def test_negative_value_in_a_count_table_is_refused(tmp_path):
+    p = write(tmp_path, "sample_id,TP53,EGFR\nS-1,120,4\nS-2,-3,800\n")
+    msg = str(pytest.raises(ExpressionError, read_expression, p).value)
+    assert "integer counts" in msg and "sample S-2, gene TP53: -3" in msg and str(p) in msg
+    # a centred / log table may be negative
+    t = read_expression(write(tmp_path, "sample_id,TP53,EGFR\nS-1,1.2,-0.4\nS-2,-3.1,0.8\n", "c.csv"))
+    assert t.values.min() < 0
+
+
+def test_float32_overflow_named(tmp_path):
+    p = write(tmp_path, "sample_id,TP53\nS-1,1e39\n")
+    with pytest.raises(ExpressionError, match="beyond float32 range.*line 2, column B"):
+        read_expression(p)

@@ -7,14 +7,19 @@ with a header row and the columns
 column         required  meaning
 =============  ========  =====================================================================
 patient_id     yes       patient identifier (TCGA barcodes are fine; several slides may share one)
-slide_id       yes       unique slide identifier; feature files are named ``<slide_id>.h5``
-slide_path     yes       path of the slide file, relative to the table's folder or absolute
+slide_id       no        unique slide identifier; feature files are named ``<slide_id>.h5``
+                         (default: the slide file's name without extension)
+slide_path     no        path of the slide file, relative to the table's folder or absolute
+                         (a local file: URLs are refused)
 subtype        no        class label (text); empty = unlabelled patient
 time           no        follow-up time (any unit, e.g. months), >= 0; needs ``event``
 event          no        1 = death observed at ``time``, 0 = censored at ``time``
 =============  ========  =====================================================================
 
-Other columns are kept as they are. Column names are matched case-insensitively and
+A table without ``slide_id`` and ``slide_path`` is an **expression-only cohort**: one row per
+patient (RNA-side pretraining, evaluation and export work on it; see ``Cohort.has_slides``).
+With slides, every row needs a slide, each slide file is listed once and each ``slide_id`` is
+unique. Other columns are kept as they are. Column names are matched case-insensitively and
 surrounding blanks are ignored. Errors name the file and the line number as a spreadsheet
 shows it (the header is line 1, the first patient row is line 2).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +38,12 @@ import pandas as pd
 
 from .errors import CohortError
 
-__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "Cohort", "read_cohort"]
+__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SLIDE_COLUMNS", "Cohort", "read_cohort"]
 
-REQUIRED_COLUMNS = ("patient_id", "slide_id", "slide_path")
+REQUIRED_COLUMNS = ("patient_id",)
+SLIDE_COLUMNS = ("slide_id", "slide_path")
 OPTIONAL_COLUMNS = ("subtype", "time", "event")
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_LISTED = 10
 
 
@@ -46,7 +54,8 @@ class Cohort:
     Attributes
     ----------
     table
-        One row per slide: ``patient_id``, ``slide_id``, ``slide_path`` (absolute path, str),
+        One row per slide: ``patient_id``, ``slide_id``, ``slide_path`` (absolute path, str;
+        absent in an expression-only cohort, which has one row per patient),
         ``line`` (1-based line of the row in the file) and, when present, ``subtype`` (str or
         None), ``time`` (float, NaN when unknown) and ``event`` (int 0/1; float with NaN when
         some patients have no survival data), plus any extra columns of the file.
@@ -62,9 +71,14 @@ class Cohort:
         return len(self.table)
 
     @property
+    def has_slides(self) -> bool:
+        """False for an expression-only cohort (no ``slide_id`` column)."""
+        return "slide_id" in self.table
+
+    @property
     def slide_ids(self) -> list[str]:
-        """Slide IDs in file order."""
-        return self.table["slide_id"].tolist()
+        """Slide IDs in file order (empty for an expression-only cohort)."""
+        return self.table["slide_id"].tolist() if self.has_slides else []
 
     @property
     def patient_ids(self) -> list[str]:
@@ -91,16 +105,20 @@ class Cohort:
     def patients(self) -> pd.DataFrame:
         """One row per patient, in order of first appearance.
 
-        Columns: ``patient_id``, ``n_slides``, ``slide_ids`` (list), and ``subtype``, ``time``,
-        ``event`` when the table has them (a patient's slides agree on these; checked on read).
+        Columns: ``patient_id``, ``n_slides``, ``slide_ids`` (list; empty without slides), and
+        ``subtype``, ``time``, ``event`` when the table has them (a patient's slides agree on
+        these; checked on read).
         """
         t = self.table
         grouped = t.groupby("patient_id", sort=False)
+        n = len(grouped.groups)
         out = pd.DataFrame(
             {
                 "patient_id": list(grouped.groups.keys()),
-                "n_slides": grouped.size().to_numpy(),
-                "slide_ids": [list(v) for v in grouped["slide_id"].agg(list)],
+                "n_slides": grouped.size().to_numpy() if self.has_slides else np.zeros(n, int),
+                "slide_ids": [list(v) for v in grouped["slide_id"].agg(list)]
+                if self.has_slides
+                else [[] for _ in range(n)],
             }
         )
         for col in OPTIONAL_COLUMNS:
@@ -116,13 +134,15 @@ class Cohort:
 
     def slides_for(self, patient_id: str) -> list[str]:
         """Slide IDs of one patient (file order); CohortError if the patient is unknown."""
-        rows = self.table.loc[self.table["patient_id"] == patient_id, "slide_id"]
+        rows = self.table.loc[self.table["patient_id"] == patient_id]
         if rows.empty:
             raise CohortError(f"{self._name()}: no patient {patient_id!r} in the cohort.")
-        return rows.tolist()
+        return rows["slide_id"].tolist() if self.has_slides else []
 
     def missing_files(self) -> list[str]:
         """Slide paths that do not exist on disk (file order)."""
+        if "slide_path" not in self.table:
+            return []
         return [p for p in self.table["slide_path"] if not os.path.exists(p)]
 
     def _name(self) -> str:
@@ -173,7 +193,8 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
     path
         The CSV file. Relative ``slide_path`` values are resolved against its folder.
     check_files
-        Also check that every slide file exists; all missing files are listed in the error.
+        Also check that every slide file exists; all missing files are listed in the error
+        (nothing to check in an expression-only cohort).
 
     Returns
     -------
@@ -183,8 +204,10 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
     ------
     CohortError
         Naming the file and the line(s) at fault: missing file or columns, empty IDs,
-        duplicate ``slide_id``, bad ``time``/``event``, survival given only in part,
-        inconsistent subtype/survival between slides of one patient, missing slide files.
+        duplicate ``slide_id``, one slide file on several rows, a URL as ``slide_path``, a
+        patient on several rows of an expression-only cohort, bad ``time``/``event``,
+        survival given only in part, inconsistent subtype/survival between slides of one
+        patient, missing slide files.
     """
     path = Path(path)
     name = str(path)
@@ -226,8 +249,11 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
         raise CohortError(
             f"Cohort table {name} lacks the column(s) {', '.join(missing)} (found: "
             f"{', '.join(repr(h) for h in header)}). The header needs "
-            f"{', '.join(REQUIRED_COLUMNS)} and optionally {', '.join(OPTIONAL_COLUMNS)}."
+            f"{', '.join(REQUIRED_COLUMNS)} and optionally "
+            f"{', '.join(SLIDE_COLUMNS + OPTIONAL_COLUMNS)}."
         )
+    has_sid, has_spath = "slide_id" in lower, "slide_path" in lower
+    row_cols = REQUIRED_COLUMNS + tuple(c for c in SLIDE_COLUMNS if c in lower)
     dup_cols = sorted({h for h in lower if h and lower.count(h) > 1})
     if dup_cols:
         raise CohortError(
@@ -253,9 +279,14 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
             problems.append(f"line {line}: {len(cells)} fields but the header has {len(header)}")
             continue
         rec = {h: cells[i] for h, i in col.items() if h}
-        for c in REQUIRED_COLUMNS:
+        for c in row_cols:
             if not rec[c]:
                 problems.append(f"line {line}: empty {c}")
+        if has_spath and _URL_RE.match(rec["slide_path"]):
+            problems.append(
+                f"line {line}: slide_path {rec['slide_path']!r} is a URL; napari-mirror reads "
+                "local files only — download the slide and give its path"
+            )
         if "subtype" in rec:
             rec["subtype"] = rec["subtype"] or None
         if has_time:
@@ -291,10 +322,30 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
 
     table = pd.DataFrame(records)
     table.insert(len(table.columns), "line", lines)
+    base = path.resolve().parent
+    if has_spath:
+        table["slide_path"] = [
+            os.path.abspath(p if os.path.isabs(p) else base / p)
+            for p in (os.path.expanduser(s) for s in table["slide_path"])
+        ]
+        if not has_sid:  # feature files are named after the slide file
+            table.insert(1, "slide_id", [_slide_stem(p) for p in table["slide_path"]])
 
-    # duplicate slides
-    dup = table["slide_id"].duplicated(keep=False)
-    if dup.any():
+    if not has_spath and not has_sid:
+        # expression-only cohort: one row per patient
+        dup = table["patient_id"].duplicated(keep=False)
+        if dup.any():
+            parts = [
+                f"{pid!r} on lines {_fmt_lines(grp['line'].tolist())}"
+                for pid, grp in table[dup].groupby("patient_id", sort=False)
+            ]
+            raise CohortError(
+                f"Cohort table {name} has no slide columns (an expression-only cohort: one row "
+                f"per patient) but lists patient(s) {'; '.join(parts[:_MAX_LISTED])} more than "
+                "once. Keep one row per patient, or add slide_id/slide_path columns."
+            )
+    dup = table["slide_id"].duplicated(keep=False) if has_sid or has_spath else None
+    if dup is not None and dup.any():
         parts = []
         for sid, grp in table[dup].groupby("slide_id", sort=False):
             parts.append(f"{sid!r} on lines {_fmt_lines(grp['line'].tolist())}")
@@ -314,18 +365,27 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
                     "a patient's slides must agree on subtype, time and event."
                 )
 
-    base = path.resolve().parent
-    table["slide_path"] = [
-        os.path.abspath(p if os.path.isabs(p) else base / p)
-        for p in (os.path.expanduser(s) for s in table["slide_path"])
-    ]
+    if has_spath:
+        # one slide file on several rows: thousands of identical feature files otherwise
+        dup_path = table["slide_path"].duplicated(keep=False)
+        if dup_path.any():
+            parts = []
+            for sp, grp in table[dup_path].groupby("slide_path", sort=False):
+                parts.append(
+                    f"{sp} on {len(grp)} rows (lines {_fmt_lines(grp['line'].tolist())})"
+                )
+            raise CohortError(
+                f"Cohort table {name}: the same slide file is listed on several rows: "
+                f"{'; '.join(parts[:_MAX_LISTED])}. Each slide file needs exactly one row; "
+                "a patient with several slides has one row per slide file."
+            )
     if has_time:
         table["time"] = table["time"].astype(np.float64)
         ev = table["event"].astype(np.float64)
         table["event"] = ev.astype(np.int64) if ev.notna().all() else ev
 
     cohort = Cohort(table=table, path=path)
-    if check_files:
+    if check_files and has_spath:
         missing_rows = table[[not os.path.exists(p) for p in table["slide_path"]]]
         if len(missing_rows):
             listed = "; ".join(
@@ -341,6 +401,15 @@ def read_cohort(path: str | os.PathLike[str], check_files: bool = False) -> Coho
         if 0 < n_unlab:
             cohort.warnings.append(f"{n_unlab} slide row(s) have no subtype (unlabelled).")
     return cohort
+
+
+def _slide_stem(path: str) -> str:
+    """File name without its (double) extension: ``a/b/S1.ome.tiff`` -> ``S1``."""
+    name = os.path.basename(path)
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]
 
 
 def _key(v: object) -> object:

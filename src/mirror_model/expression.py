@@ -27,10 +27,11 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,6 +40,7 @@ from .errors import ExpressionError
 from .ids import is_tcga_barcode, patient_key, tcga_sample_type
 
 __all__ = [
+    "NAN_POLICIES",
     "ORIENTATIONS",
     "ExpressionTable",
     "patient_key",
@@ -47,7 +49,8 @@ __all__ = [
 
 ORIENTATIONS = ("samples x genes", "genes x samples")
 Orientation = Literal["samples x genes", "genes x samples"]
-NanPolicy = Literal["error", "zero", "drop-genes"]
+NanPolicy = Literal["error", "drop-genes", "median", "zero"]
+NAN_POLICIES: tuple[str, ...] = ("error", "drop-genes", "median", "zero")
 
 _MAX_LISTED = 10
 _NA_TOKENS = ["", "NA", "N/A", "n/a", "NaN", "nan", "-nan", "NULL", "null", "#N/A", "None", "none"]
@@ -169,6 +172,9 @@ class ExpressionTable:
         Genes that are 0 in every sample (kept here; gene selection drops them).
     warnings
         Human-readable notes (all-zero genes, skipped annotation columns, NaN replaced ...).
+    nan_policy
+        How missing cells were read (see :func:`read_expression`); under ``"median"`` the
+        missing cells are NaN in ``values``.
     """
 
     values: np.ndarray
@@ -179,6 +185,7 @@ class ExpressionTable:
     orientation_reason: str = ""
     all_zero_genes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    nan_policy: str = "error"
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -362,9 +369,12 @@ class ExpressionTable:
 # ---------------------------------------------------------------------- reading
 
 
+# ---------------------------------------------------------------------- reading
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix.lower() == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")
 
 
@@ -384,6 +394,27 @@ def _col_name(j: int) -> str:
     return s
 
 
+@dataclass
+class _Parsed:
+    """A table as read, before orientation and checks: value columns only.
+
+    ``values`` is float32 [rows, value columns] with NaN for missing cells; it is None when
+    some cells are not numbers (``bad_cells`` then lists the first of them).
+    """
+
+    header: list[str]  # names of the value columns
+    labels: list[str]  # one per row
+    values: np.ndarray | None
+    label_name: str
+    lines: np.ndarray | None  # file line of each row (text files)
+    file_cols: list[int]  # file column of each value column
+    skipped: list[str] = field(default_factory=list)  # annotation columns left out
+    bad_cells: list[tuple[int, int, str]] = field(default_factory=list)
+    overflow: np.ndarray | None = None  # bool [rows, cols]: finite in the file, beyond float32
+    # text files only: how to re-read a cell's text (error messages)
+    sep: str = ","
+
+
 def read_expression(
     path: str | os.PathLike[str],
     id_column: str | None = None,
@@ -391,6 +422,10 @@ def read_expression(
     nan_policy: NanPolicy = "error",
 ) -> ExpressionTable:
     """Read an expression table (CSV/TSV/parquet), detecting its orientation.
+
+    Reading takes time and memory linear in the file: a 1,000 x 60,000 table (either
+    orientation) is parsed by pandas' C parser as one stream of numbers, straight into float32
+    (peak memory about twice the float32 matrix).
 
     Parameters
     ----------
@@ -403,24 +438,28 @@ def read_expression(
     orientation
         Force ``"samples x genes"`` or ``"genes x samples"`` instead of detecting it.
     nan_policy
-        ``"error"`` (default): empty / NA cells are an error naming them; ``"zero"``: they are
-        read as 0 (noted in ``warnings``); ``"drop-genes"``: genes with any missing value are
-        dropped (noted in ``warnings``).
+        What to do with empty / NA cells: ``"error"`` (default) names them; ``"zero"`` reads
+        them as 0 (noted in ``warnings``; on a log scale 0 is an extreme value, also noted);
+        ``"drop-genes"`` drops every gene with a missing value; ``"median"`` keeps them as NaN
+        in ``values`` — training fills them with each gene's median over the *training*
+        patients (stored with the model), prediction with the model's stored medians.
 
     Raises
     ------
     ExpressionError
         For a missing/empty/unreadable file, ragged rows, duplicate sample IDs or genes,
-        non-numeric or infinite cells, and missing values under ``nan_policy="error"``;
-        the message names the file and the row, column, sample and gene at fault.
+        non-numeric or infinite cells, negative values in a table of integer counts, and
+        missing values under ``nan_policy="error"``; the message names the file and the
+        row, column, sample and gene at fault.
     """
     path = Path(path)
     name = str(path)
     if orientation is not None and orientation not in ORIENTATIONS:
         raise ExpressionError(f"orientation must be one of {ORIENTATIONS}, not {orientation!r}.")
-    if nan_policy not in ("error", "zero", "drop-genes"):
+    if nan_policy not in NAN_POLICIES:
         raise ExpressionError(
-            f"nan_policy must be 'error', 'zero' or 'drop-genes', not {nan_policy!r}."
+            f"nan_policy must be one of {', '.join(repr(p) for p in NAN_POLICIES)}, "
+            f"not {nan_policy!r}."
         )
     if not path.exists():
         raise ExpressionError(f"Expression table {name} does not exist.")
@@ -430,15 +469,13 @@ def read_expression(
         raise ExpressionError(f"Expression table {name} is empty.")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in (".parquet", ".pq"):
-        header, labels, data, label_name, first_row_line = _load_parquet(path, id_column)
-        line_of = None
+        parsed = _load_parquet(path, id_column)
     else:
-        header, labels, data, label_name, first_row_line = _load_text(path, id_column)
-        line_of = first_row_line
-    return _build(path, header, labels, data, label_name, orientation, nan_policy, line_of)
+        parsed = _load_text(path, id_column)
+    return _build(path, parsed, orientation, nan_policy)
 
 
-def _load_parquet(path: Path, id_column: str | None):
+def _load_parquet(path: Path, id_column: str | None) -> _Parsed:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
@@ -463,7 +500,7 @@ def _load_parquet(path: Path, id_column: str | None):
         data = df.reset_index(drop=True)
         label_name = str(df.index.name or "")
     else:
-        text_cols = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+        text_cols = [c for c, dt in df.dtypes.items() if not pd.api.types.is_numeric_dtype(dt)]
         if not text_cols:
             raise ExpressionError(
                 f"{path}: no column holds sample IDs or gene names (all columns are numeric "
@@ -473,21 +510,132 @@ def _load_parquet(path: Path, id_column: str | None):
         labels = df[text_cols[0]].astype(str).tolist()
         data = df.drop(columns=[text_cols[0]]).reset_index(drop=True)
     header = [str(c) for c in data.columns]
-    data.columns = range(data.shape[1])
-    return header, labels, data, label_name, None
+    file_cols = list(range(1, len(header) + 1))
+    parsed = _Parsed(header, labels, None, label_name, None, file_cols)
+    # dtypes once (per-column access of a 60k-column frame is what made reading quadratic)
+    numeric = np.array([pd.api.types.is_numeric_dtype(dt) for dt in data.dtypes], dtype=bool)
+    if not numeric.all():
+        obj = np.flatnonzero(~numeric)
+        block = data.iloc[:, obj]
+        conv = block.apply(lambda s: pd.to_numeric(s.astype("string").str.strip(), errors="coerce"))
+        bad = conv.isna().to_numpy() & block.notna().to_numpy()
+        for i, jj in np.argwhere(bad)[: _MAX_LISTED + 1]:
+            parsed.bad_cells.append((int(i), int(obj[jj]), str(block.iat[int(i), int(jj)])))
+        if parsed.bad_cells:
+            return parsed
+        data = data.copy()
+        data.iloc[:, obj] = conv.to_numpy()
+    arr = data.to_numpy(dtype=np.float64)
+    with np.errstate(over="ignore"):
+        parsed.values = arr.astype(np.float32)
+    parsed.overflow = np.isfinite(arr) & ~np.isfinite(parsed.values)
+    return parsed
 
 
-def _load_text(path: Path, id_column: str | None):
+class _NumberStream:
+    """File-like view of a delimited table's numeric cells, one cell per line.
+
+    pandas' C parser reads a single column of numbers fast and in linear time; a table with
+    60,000 columns, read as such, costs per-column overhead on every chunk. This stream feeds
+    the parser the value cells of each row (label and annotation columns removed) as lines,
+    and records each row's label and file line. A row with a different number of fields stops
+    the stream (``error``) so the caller can name the line.
+    """
+
+    def __init__(self, fh: Any, sep: str, ncol: int, drop: Sequence[int], label_col: int,
+                 first: tuple[int, str] | None, line_no: int, name: str) -> None:  # fmt: skip
+        self.fh = fh
+        self.sep = sep
+        self.ncol = ncol
+        self.drop = sorted(set(drop))
+        self.label_col = label_col
+        self.simple = self.drop == [0] and label_col == 0
+        self.pending = first
+        self.line_no = line_no
+        self.name = name
+        self.labels: list[str] = []
+        self.lines: list[int] = []
+        self.error: ExpressionError | None = None
+        self._buf = ""
+
+    def _row(self, line_no: int, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line.strip(self.sep + " \t"):
+            return None  # blank line
+        sep = self.sep
+        cells = None
+        if '"' in line:  # quoted cells: let csv split this line
+            cells = next(csv.reader([line], delimiter=sep))
+            n = len(cells)
+        else:
+            n = line.count(sep) + 1
+        if n != self.ncol:
+            self.error = ExpressionError(
+                f"Expression table {self.name}, line {line_no}: {n} fields where earlier rows "
+                f"have {self.ncol}. Every row needs the same number of cells."
+            )
+            return None
+        if cells is None and self.simple:
+            label, rest = line.split(sep, 1)
+            body = rest.replace(sep, "\n")
+        else:
+            cells = cells if cells is not None else line.split(sep)
+            label = cells[self.label_col]
+            drop = self.drop
+            body = "\n".join(c for k, c in enumerate(cells) if k not in drop)
+        self.labels.append(label)
+        self.lines.append(line_no)
+        return body + "\n"
+
+    def read(self, n: int = -1) -> str:
+        out = [self._buf] if self._buf else []
+        size = len(self._buf)
+        self._buf = ""
+        while self.error is None and (n is None or n < 0 or size < n):
+            if self.pending is not None:
+                line_no, line = self.pending
+                self.pending = None
+            else:
+                line = self.fh.readline()
+                if not line:
+                    break
+                self.line_no += 1
+                line_no = self.line_no
+            piece = self._row(line_no, line)
+            if piece:
+                out.append(piece)
+                size += len(piece)
+        return "".join(out)
+
+
+def _read_header(path: Path) -> tuple[str, list[str], int, tuple[int, str] | None]:
+    """(separator, header cells, line number of the first data row, that row) of a text table."""
     name = str(path)
     try:
         with _open_text(path) as fh:
             first = fh.readline()
+            line_no = 1
+            row = None
+            while True:
+                line = fh.readline()
+                if not line:
+                    break
+                line_no += 1
+                if line.strip(",;\t \r\n"):
+                    row = (line_no, line)
+                    break
     except (UnicodeDecodeError, OSError, EOFError, gzip.BadGzipFile) as exc:
         raise ExpressionError(f"Cannot read the expression table {name} as text: {exc}") from None
     if not first.strip():
         raise ExpressionError(f"Expression table {name} is empty (no header line).")
     sep = _sniff(first)
-    header = [h.strip() for h in next(csv.reader([first], delimiter=sep))]
+    header = [h.strip() for h in next(csv.reader([first.rstrip("\r\n")], delimiter=sep))]
+    return sep, header, line_no, row
+
+
+def _load_text(path: Path, id_column: str | None) -> _Parsed:
+    name = str(path)
+    sep, header, first_line_no, first_row = _read_header(path)
     lower = [h.lower() for h in header]
     if id_column is not None:
         if id_column not in header and id_column.lower() not in lower:
@@ -498,69 +646,155 @@ def _load_text(path: Path, id_column: str | None):
         j = header.index(id_column) if id_column in header else lower.index(id_column.lower())
     else:
         j = 0
-    ncol_header = len(header)
-    try:
-        # numbers parse in pandas' C parser (fast); the label column stays text and only the
-        # usual NA spellings count as missing values elsewhere (a gene may be called "NA").
-        df = pd.read_csv(
-            path,
-            sep=sep,
-            header=None,
-            skiprows=1,
-            keep_default_na=False,
-            na_values={k: _NA_TOKENS for k in range(ncol_header + 1) if k != j},
-            dtype={j: str},
-            skip_blank_lines=False,
-            encoding="utf-8-sig",
-            engine="c",
-        )
-    except pd.errors.EmptyDataError:
-        raise ExpressionError(f"Expression table {name} has a header but no data rows.") from None
-    except pd.errors.ParserError as exc:
-        msg = str(exc)
-        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", msg)
-        if m:
-            line = int(m.group(2))  # pandas counts file lines, header included
-            raise ExpressionError(
-                f"Expression table {name}, line {line}: {m.group(3)} fields where earlier rows "
-                f"have {m.group(1)}. Every row needs the same number of cells."
-            ) from None
-        raise ExpressionError(f"Cannot parse the expression table {name}: {msg}") from None
-    except UnicodeDecodeError as exc:
-        raise ExpressionError(f"Expression table {name} is not UTF-8 text: {exc}") from None
-    ncol = df.shape[1]
-    if ncol_header == ncol - 1:
+    if first_row is None:
+        raise ExpressionError(f"Expression table {name} has a header but no data rows.")
+    cells = next(csv.reader([first_row[1].rstrip("\r\n")], delimiter=sep))
+    ncol = len(cells)
+    if len(header) == ncol - 1:
         # R's write.table: row names without a header cell; the label column is column 0
         header = ["", *header]
         lower = ["", *lower]
         j = 0 if id_column is None else j + 1
-        df[j] = df[j].astype(str)
-    elif ncol_header != ncol:
+    elif len(header) != ncol:
         raise ExpressionError(
-            f"Expression table {name}: the header (line 1) has {ncol_header} fields but the rows "
+            f"Expression table {name}: the header (line 1) has {len(header)} fields but the rows "
             f"have {ncol}. Every row needs the same number of cells."
         )
-    lines = np.arange(df.shape[0]) + 2
-    others = [k for k in range(ncol) if k != j]
-    blank = (df[others].isna().all(axis=1) & df[j].fillna("").str.strip().eq("")).to_numpy()
-    if blank.any():  # empty lines
-        df = df[~blank]
-        lines = lines[~blank]
-    if df.shape[0] == 0:
-        raise ExpressionError(f"Expression table {name} has a header but no data rows.")
-    label_name = header[j]
-    labels = df.iloc[:, j].fillna("").astype(str).tolist()
-    keep = [k for k in range(ncol) if k != j]
     # annotation columns (Entrez IDs, descriptions) that sit beside the gene-name column
-    skipped = [header[k] for k in keep if lower[k] in _ANNOTATION_COLUMNS]
-    keep = [k for k in keep if lower[k] not in _ANNOTATION_COLUMNS]
-    data = df.iloc[:, keep].reset_index(drop=True)
-    data.columns = range(len(keep))
-    hdr = [header[k] for k in keep]
-    data.attrs["lines"] = lines
-    data.attrs["file_cols"] = keep
-    data.attrs["skipped"] = skipped
-    return hdr, labels, data, label_name, lines
+    skipped = [header[k] for k in range(ncol) if k != j and lower[k] in _ANNOTATION_COLUMNS]
+    keep = [k for k in range(ncol) if k != j and lower[k] not in _ANNOTATION_COLUMNS]
+    if not keep:
+        raise ExpressionError(f"Expression table {name} has only a label column and no values.")
+    drop = [k for k in range(ncol) if k not in set(keep)]
+    n_kept = len(keep)
+    try:
+        with _open_text(path) as fh:
+            fh.readline()
+            # skip to the first data row (already read for the field count)
+            for _ in range(first_line_no - 1):
+                fh.readline()
+            stream = _NumberStream(fh, sep, ncol, drop, j, first_row, first_line_no, name)
+            flat = _parse_numbers(stream)
+    except UnicodeDecodeError as exc:
+        raise ExpressionError(f"Expression table {name} is not UTF-8 text: {exc}") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ExpressionError(f"Cannot read the expression table {name}: {exc}") from None
+    if stream.error is not None:
+        raise stream.error
+    parsed = _Parsed(
+        header=[header[k] for k in keep],
+        labels=stream.labels,
+        values=None,
+        label_name=header[j],
+        lines=np.asarray(stream.lines, dtype=np.int64),
+        file_cols=keep,
+        skipped=skipped,
+        sep=sep,
+    )
+    if not stream.labels:
+        raise ExpressionError(f"Expression table {name} has a header but no data rows.")
+    if flat is None:  # some cell is not a number: find the first ones (slow path, errors only)
+        parsed.bad_cells = _find_bad_cells(path, parsed, drop, j)
+        if not parsed.bad_cells:  # pragma: no cover - the parser and float() disagree
+            raise ExpressionError(f"Cannot parse the expression table {name}.")
+        return parsed
+    if flat.size != len(stream.labels) * n_kept:  # pragma: no cover - e.g. newlines in quotes
+        raise ExpressionError(
+            f"Cannot parse the expression table {name}: found {flat.size} values for "
+            f"{len(stream.labels)} rows x {n_kept} columns (a quoted cell with a line break?)."
+        )
+    parsed.values = flat.reshape(len(stream.labels), n_kept)
+    inf = np.isinf(parsed.values)
+    if inf.any():  # was it "inf" in the file, or a finite number beyond float32?
+        parsed.overflow = np.zeros(parsed.values.shape, dtype=bool)
+        for i, k in np.argwhere(inf)[:1000]:
+            text = _cell_text(path, parsed, int(i), int(k), drop, j)
+            try:
+                parsed.overflow[i, k] = math.isfinite(float(text))
+            except ValueError:
+                pass
+    return parsed
+
+
+def _parse_numbers(stream: _NumberStream) -> np.ndarray | None:
+    """All value cells as one float32 vector (NaN for NA tokens); None if a cell is not a number."""
+    chunks: list[np.ndarray] = []
+    try:
+        # float32 overflow ("1e39") is detected afterwards and named; no RuntimeWarning here
+        with warnings.catch_warnings(), np.errstate(over="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            chunks = _read_number_chunks(stream)
+    except pd.errors.EmptyDataError:
+        return np.zeros(0, np.float32)
+    except (ValueError, pd.errors.ParserError):
+        if stream.error is not None:
+            return np.zeros(0, np.float32)
+        return None
+    if not chunks:
+        return np.zeros(0, np.float32)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _read_number_chunks(stream: _NumberStream) -> list[np.ndarray]:
+    chunks: list[np.ndarray] = []
+    reader = pd.read_csv(
+        stream,
+        header=None,
+        names=["v"],
+        dtype={"v": np.float32},
+        keep_default_na=False,
+        na_values=_NA_TOKENS,
+        skip_blank_lines=False,
+        engine="c",
+        chunksize=1 << 22,
+    )
+    for chunk in reader:
+        chunks.append(chunk["v"].to_numpy(dtype=np.float32))
+    return chunks
+
+
+def _row_cells(line: str, sep: str) -> list[str]:
+    line = line.rstrip("\r\n")
+    if '"' in line:
+        return next(csv.reader([line], delimiter=sep))
+    return line.split(sep)
+
+
+def _iter_rows(path: Path, parsed: _Parsed) -> Iterator[tuple[int, list[str]]]:
+    """(row index, cells) of the data rows, in file order."""
+    wanted = {int(ln): i for i, ln in enumerate(parsed.lines)}
+    with _open_text(path) as fh:
+        for line_no, line in enumerate(fh, start=1):
+            i = wanted.get(line_no)
+            if i is not None:
+                yield i, _row_cells(line, parsed.sep)
+
+
+def _cell_text(path: Path, parsed: _Parsed, i: int, k: int, drop: Sequence[int], j: int) -> str:
+    for r, cells in _iter_rows(path, parsed):
+        if r == i:
+            return cells[parsed.file_cols[k]].strip()
+    return ""  # pragma: no cover
+
+
+def _find_bad_cells(
+    path: Path, parsed: _Parsed, drop: Sequence[int], j: int
+) -> list[tuple[int, int, str]]:
+    """The first non-numeric cells (row, value column, text), in file order; stops after 11."""
+    na = set(_NA_TOKENS)
+    bad: list[tuple[int, int, str]] = []
+    for i, cells in _iter_rows(path, parsed):
+        for k, col in enumerate(parsed.file_cols):
+            text = cells[col].strip()
+            if text in na:
+                continue
+            try:
+                float(text)
+            except ValueError:
+                bad.append((i, k, cells[col]))
+                if len(bad) > _MAX_LISTED:
+                    return bad
+    return bad
 
 
 def _detect(header: list[str], labels: list[str], label_name: str) -> tuple[str, str]:
@@ -599,36 +833,34 @@ def _detect(header: list[str], labels: list[str], label_name: str) -> tuple[str,
     )
 
 
-def _build(path, header, labels, data: pd.DataFrame, label_name, orientation, nan_policy, lines):
+def _build(path: Path, parsed: _Parsed, orientation, nan_policy) -> ExpressionTable:
     name = str(path)
-    warnings: list[str] = []
-    if data.attrs.get("skipped"):
-        warnings.append(f"skipped annotation column(s): {', '.join(data.attrs['skipped'])}")
+    header, labels, lines, file_cols = parsed.header, parsed.labels, parsed.lines, parsed.file_cols
+    notes: list[str] = []
+    if parsed.skipped:
+        notes.append(f"skipped annotation column(s): {', '.join(parsed.skipped)}")
     if len(header) == 0:
         raise ExpressionError(f"Expression table {name} has only a label column and no values.")
     labels = [str(x).strip() for x in labels]
     if orientation is None:
-        orientation, reason = _detect(header, labels, label_name)
+        orientation, reason = _detect(header, labels, parsed.label_name)
     else:
         reason = "as requested"
     samples_are_rows = orientation == "samples x genes"
-    file_cols = data.attrs.get("file_cols", list(range(1, len(header) + 1)))
+
+    def row_txt(i: int) -> str:
+        return f"line {lines[i]}" if lines is not None else f"row {i + 1}"
 
     def where(i: int, j: int) -> str:
         """Describe cell (row i of data, column j of data) for the user."""
-        row_txt = f"line {lines[i]}" if lines is not None else f"row {i + 1}"
-        col_txt = f"column {_col_name(file_cols[j])}"
         sample, gene = (labels[i], header[j]) if samples_are_rows else (header[j], labels[i])
-        return f"{row_txt}, {col_txt} (sample {sample}, gene {gene})"
+        return f"{row_txt(i)}, column {_col_name(file_cols[j])} (sample {sample}, gene {gene})"
 
     # ---- empty labels and duplicates
     row_kind, col_kind = ("sample ID", "gene") if samples_are_rows else ("gene", "sample ID")
     empty_rows = [i for i, s in enumerate(labels) if not s]
     if empty_rows:
-        locs = ", ".join(
-            (f"line {lines[i]}" if lines is not None else f"row {i + 1}")
-            for i in empty_rows[:_MAX_LISTED]
-        )
+        locs = ", ".join(row_txt(i) for i in empty_rows[:_MAX_LISTED])
         raise ExpressionError(f"Expression table {name}: empty {row_kind} on {locs}.")
     empty_cols = [j for j, s in enumerate(header) if not s]
     if empty_cols:
@@ -636,72 +868,76 @@ def _build(path, header, labels, data: pd.DataFrame, label_name, orientation, na
             f"Expression table {name}: empty {col_kind} name in the header, column(s) "
             f"{', '.join(_col_name(file_cols[j]) for j in empty_cols[:_MAX_LISTED])}."
         )
-    _check_dups(
-        name,
-        labels,
-        row_kind,
-        lambda i: f"line {lines[i]}" if lines is not None else f"row {i + 1}",
-    )
+    _check_dups(name, labels, row_kind, row_txt)
     _check_dups(name, header, col_kind, lambda j: f"column {_col_name(file_cols[j])}")
 
     # ---- numbers
-    obj_cols = [c for c in data.columns if not pd.api.types.is_numeric_dtype(data[c])]
-    bad_cells: list[tuple[int, int, str]] = []
-    if obj_cols:
-        # only columns the C parser could not read as numbers need a closer look
-        conv = data[obj_cols].apply(
-            lambda s: pd.to_numeric(s.astype("string").str.strip(), errors="coerce")
-        )
-        bad = conv.isna().to_numpy() & data[obj_cols].notna().to_numpy()
-        for i, jj in np.argwhere(bad)[: _MAX_LISTED + 1]:
-            bad_cells.append((int(i), int(obj_cols[jj]), str(data.iat[int(i), int(obj_cols[jj])])))
-        if not bad_cells:
-            data = data.copy()
-            data[obj_cols] = conv
-    if bad_cells:
-        bad_cells.sort()
-        n_bad = len(bad_cells)
+    if parsed.bad_cells or parsed.values is None:
+        bad_cells = sorted(parsed.bad_cells)
         listed = "; ".join(f"{where(i, j)}: {v!r}" for i, j, v in bad_cells[:5])
         raise ExpressionError(
             f"Expression table {name} has non-numeric values: {listed}"
-            + (" ..." if n_bad > 5 else "")
+            + (" ..." if len(bad_cells) > 5 else "")
             + ". Every value must be a number (empty cells count as missing)."
         )
-    arr = data.to_numpy(dtype=np.float64)
-    inf_pos = np.argwhere(np.isinf(arr))
-    if len(inf_pos):
-        listed = "; ".join(where(int(i), int(j)) for i, j in inf_pos[:5])
+    arr = parsed.values
+    inf = np.isinf(arr)
+    if inf.any():
+        over = parsed.overflow if parsed.overflow is not None else np.zeros_like(inf)
+        true_inf = inf & ~over
+        if true_inf.any():
+            pos = np.argwhere(true_inf)
+            listed = "; ".join(where(int(i), int(j)) for i, j in pos[:5])
+            raise ExpressionError(
+                f"Expression table {name} has {len(pos)} infinite values: {listed}."
+            )
+        pos = np.argwhere(over)
         raise ExpressionError(
-            f"Expression table {name} has {len(inf_pos)} infinite values: {listed}."
+            f"Expression table {name} has values beyond float32 range (about 3.4e38): "
+            + "; ".join(where(int(i), int(j)) for i, j in pos[:5])
+            + "."
         )
     nan_mask = np.isnan(arr)
-    if nan_mask.any():
-        n_nan = int(nan_mask.sum())
+    n_nan = int(nan_mask.sum())
+    if n_nan:
         if nan_policy == "error":
             pos = np.argwhere(nan_mask)
             listed = "; ".join(where(int(i), int(j)) for i, j in pos[:5])
             raise ExpressionError(
                 f"Expression table {name} has {n_nan} missing values: {listed}"
                 + (" ..." if n_nan > 5 else "")
-                + ". Fill them, or read with nan_policy='zero' (treat as 0) or 'drop-genes'."
+                + ". Fill them, or choose a missing-value policy: --nan-policy median (each "
+                "gene's median over the training patients), drop-genes or zero."
             )
+        gene_has_nan = nan_mask.any(axis=0 if samples_are_rows else 1)
         if nan_policy == "zero":
             arr[nan_mask] = 0.0
-            warnings.append(f"{n_nan} missing values were set to 0 (nan_policy='zero')")
+            notes.append(f"{n_nan} missing values were set to 0 (nan_policy='zero')")
+            finite = arr[~nan_mask]
+            pos_vals = finite[finite > 0]
+            lo = float(pos_vals.min()) if pos_vals.size else 0.0
+            integer = bool(np.all(finite == np.round(finite)))
+            if finite.size and not integer and float(finite.min()) >= 0 and lo > 0.1:
+                notes.append(
+                    f"the table looks log-scaled (smallest non-zero value {lo:.3g}): a missing "
+                    "value read as 0 is an extreme value there; --nan-policy median is safer"
+                )
+        elif nan_policy == "median":
+            notes.append(
+                f"{n_nan} missing values in {int(gene_has_nan.sum())} genes are kept as missing "
+                "and filled with each gene's median over the training patients "
+                "(nan_policy='median')"
+            )
         else:  # drop-genes: gene axis depends on orientation
-            gene_has_nan = nan_mask.any(axis=0 if samples_are_rows else 1)
-            dropped = [
-                g
-                for g, d in zip(header if samples_are_rows else labels, gene_has_nan, strict=True)
-                if d
-            ]
+            gene_names = header if samples_are_rows else labels
+            dropped = [g for g, d in zip(gene_names, gene_has_nan, strict=True) if d]
             if samples_are_rows:
                 arr = arr[:, ~gene_has_nan]
                 header = [h for h, d in zip(header, gene_has_nan, strict=True) if not d]
             else:
                 arr = arr[~gene_has_nan]
                 labels = [h for h, d in zip(labels, gene_has_nan, strict=True) if not d]
-            warnings.append(
+            notes.append(
                 f"{len(dropped)} genes with missing values were dropped: "
                 f"{', '.join(dropped[:_MAX_LISTED])}"
                 + (" ..." if len(dropped) > _MAX_LISTED else "")
@@ -712,9 +948,7 @@ def _build(path, header, labels, data: pd.DataFrame, label_name, orientation, na
         values, sample_ids, genes = arr.T, header, labels
     if len(genes) == 0 or len(sample_ids) == 0:
         raise ExpressionError(f"Expression table {name} has no values left to use.")
-    big = np.abs(values).max() if values.size else 0.0
-    if big > np.finfo(np.float32).max:
-        raise ExpressionError(f"Expression table {name} has values beyond float32 range ({big:g}).")
+    _check_counts_not_negative(name, values, sample_ids, genes)
     table = ExpressionTable(
         values=np.ascontiguousarray(values, dtype=np.float32),
         sample_ids=sample_ids,
@@ -722,7 +956,8 @@ def _build(path, header, labels, data: pd.DataFrame, label_name, orientation, na
         orientation=orientation,
         path=path,
         orientation_reason=reason,
-        warnings=warnings,
+        warnings=notes,
+        nan_policy=nan_policy,
     )
     if table.all_zero_genes:
         z = table.all_zero_genes
@@ -731,6 +966,29 @@ def _build(path, header, labels, data: pd.DataFrame, label_name, orientation, na
             f"{', '.join(z[:_MAX_LISTED])}" + (" ..." if len(z) > _MAX_LISTED else "")
         )
     return table
+
+
+def _check_counts_not_negative(
+    name: str, values: np.ndarray, sample_ids: list[str], genes: list[str]
+) -> None:
+    """A table of integer counts with a few negative entries is corrupt, not log-scaled:
+    refuse it (a negative value would otherwise switch the model's log1p off)."""
+    neg = values < 0
+    if not neg.any():
+        return
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or float(finite.max()) <= 50 or not np.all(finite == np.round(finite)):
+        return  # a log / centred scale: negatives are fine
+    pos = np.argwhere(neg)
+    listed = "; ".join(
+        f"sample {sample_ids[i]}, gene {genes[j]}: {values[i, j]:g}" for i, j in pos[:5]
+    )
+    raise ExpressionError(
+        f"Expression table {name} holds integer counts (values up to {float(finite.max()):g}) "
+        f"but {len(pos)} negative value(s): {listed}"
+        + (" ..." if len(pos) > 5 else "")
+        + ". Counts cannot be negative; fix or remove these cells."
+    )
 
 
 def _check_dups(name: str, labels: list[str], kind: str, loc) -> None:
@@ -748,10 +1006,3 @@ def _check_dups(name: str, labels: list[str], kind: str, loc) -> None:
             f"Expression table {name} has duplicate {kind}s: {'; '.join(parts)}{more}. "
             f"Each {kind} must appear once (merge or remove the repeats)."
         )
-
-
-def _is_finite_number(x: object) -> bool:  # pragma: no cover - tiny helper kept for clarity
-    try:
-        return math.isfinite(float(x))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False

@@ -546,7 +546,10 @@ def _cohort_rows(cohort: Any) -> list[dict[str, Any]]:
     missing = [c for c in ("slide_id", "slide_path") if c not in table.columns]
     if missing:
         raise CohortError(
-            f"cohort table lacks column(s) {', '.join(missing)} (needs slide_id and slide_path)."
+            f"cohort table lacks column(s) {', '.join(missing)}: there are no slides to extract "
+            "(an expression-only cohort needs no features; pretrain it without --features)."
+            if "slide_path" in missing
+            else f"cohort table lacks column(s) {', '.join(missing)} (needs slide_id and slide_path)."
         )
     rows = table.to_dict("records")
     seen: set[str] = set()
