@@ -11,12 +11,12 @@ import pytest
 from mirror_model.demo import (
     STAGES,
     DemoSettings,
-    _auroc,
     make_sample_case,
     run_demo,
     tile_tumour_fraction,
 )
 from mirror_model.errors import ConfigError
+from mirror_model.evaluation.metrics import binary_auroc
 
 
 def test_tile_tumour_fraction_closed_form():
@@ -34,11 +34,11 @@ def test_tile_tumour_fraction_closed_form():
 
 def test_binary_auroc_known_answers():
     y = np.array([0, 0, 1, 1])
-    assert _auroc(y, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
-    assert _auroc(y, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
-    assert _auroc(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
-    assert _auroc(y, np.array([0.1, 0.3, 0.2, 0.4])) == 0.75
-    assert math.isnan(_auroc(np.array([1, 1]), np.array([0.1, 0.2])))
+    assert binary_auroc(y, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert binary_auroc(y, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+    assert binary_auroc(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert binary_auroc(y, np.array([0.1, 0.3, 0.2, 0.4])) == 0.75
+    assert math.isnan(binary_auroc(np.array([1, 1]), np.array([0.1, 0.2])))
 
 
 def test_make_sample_case(tmp_path):

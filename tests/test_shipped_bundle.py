@@ -111,7 +111,8 @@ def test_shipped_bundle_is_small_and_complete():
 
 def test_shipped_bundle_reads_the_sample_case_sensibly(shipped):
     bundle, case, pred = shipped
-    from mirror_model.demo import _auroc, _read_mask, tile_tumour_fraction
+    from mirror_model.demo import _read_mask, tile_tumour_fraction
+    from mirror_model.evaluation.metrics import binary_auroc
 
     assert pred.modalities == ("slide", "rna")
     assert pred.sample_id == case.sample_id and pred.sample_match == "only row"
@@ -124,4 +125,4 @@ def test_shipped_bundle_reads_the_sample_case_sensibly(shipped):
         _read_mask(case.mask_path), pred.coords_level0, pred.tile_size_level0, case.mask_downsample
     )
     assert 0.2 < (frac >= 0.5).mean() < 0.6
-    assert _auroc(frac >= 0.5, pred.attention) > 0.7
+    assert binary_auroc(frac >= 0.5, pred.attention) > 0.7

@@ -48,6 +48,7 @@ import numpy as np
 from ._io import atomic_write_bytes, atomic_write_text, jsonable
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, MirrorError
+from .evaluation.metrics import binary_auroc
 
 __all__ = [
     "DEMO_EVAL_KWARGS",
@@ -390,18 +391,6 @@ def tile_tumour_fraction(
     return np.clip(area / (s * s), 0.0, 1.0)
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Binary AUROC (Mann–Whitney, ties count half); nan with one class only."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(labels, dtype=bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def heatmap_tumour_auroc(
     run_dir: str | os.PathLike[str],
     cohort_csv: str | os.PathLike[str],
@@ -472,7 +461,7 @@ def heatmap_tumour_auroc(
             _read_mask(mp), ff.coords_level0, ff.patch_size_level0, mask_downsample
         )
         lab = frac >= threshold
-        auc = _auroc(lab, att)
+        auc = binary_auroc(lab, att)
         rec: dict[str, Any] = {
             "fold": int(k),
             "slide_id": sid,
@@ -487,7 +476,7 @@ def heatmap_tumour_auroc(
             rec["heatmap_layer"] = model.slide_encoder.heatmap_layer
             with _heatmap_layer_set(model, other), torch.no_grad():
                 att_o = model.encode_slide(x).attention.float().numpy()[0].astype(np.float64)
-            auc_o = _auroc(lab, att_o)
+            auc_o = binary_auroc(lab, att_o)
             rec["other_layer"] = other
             rec["auroc_other_layer"] = None if np.isnan(auc_o) else auc_o
         records.append(rec)

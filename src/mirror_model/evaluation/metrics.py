@@ -1,8 +1,11 @@
 """Classification and survival metrics, and their mean ± sd summary over folds.
 
-All functions take plain numpy arrays and return Python floats (``nan`` where a metric is
-undefined on the data, e.g. AUROC when the test set holds one class only), so the results
-go straight into JSON (``nan`` is written as ``null`` by :func:`summarize`).
+Thin wrappers over scikit-learn (classification) and lifelines (C-index) that keep only our
+rules: plain numpy arrays in, Python floats out, ``nan`` where a metric is undefined on the
+data (AUROC when the test set holds one class only, C-index without a comparable pair) instead
+of the libraries' errors, and the direction of the risk score stated below. Results go
+straight into JSON (``nan`` is written as ``null`` by :func:`summarize`). The libraries are
+imported on first use, so loading a bundle for prediction does not import them.
 
 Directions
 ----------
@@ -16,6 +19,7 @@ Directions
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +32,7 @@ __all__ = [
     "accuracy",
     "auroc_macro",
     "balanced_accuracy",
+    "binary_auroc",
     "c_index",
     "classification_metrics",
     "confusion_matrix",
@@ -58,18 +63,24 @@ def _labels(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, n
 
 def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     """Fraction of samples whose predicted label equals the true label (0–1)."""
+    from sklearn.metrics import accuracy_score
+
     a, b = _labels(y_true, y_pred)
-    return float(np.mean(a == b))
+    return float(accuracy_score(a, b))
 
 
 def balanced_accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     """Mean over the classes present in ``y_true`` of the per-class recall (0–1).
 
-    Classes that only occur in ``y_pred`` do not add a term (as in scikit-learn).
+    scikit-learn's ``balanced_accuracy_score``: classes that only occur in ``y_pred`` do not
+    add a term (its warning about them is silenced: that is the definition we want).
     """
+    from sklearn.metrics import balanced_accuracy_score
+
     a, b = _labels(y_true, y_pred)
-    recalls = [float(np.mean(b[a == c] == c)) for c in np.unique(a)]
-    return float(np.mean(recalls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(a, b))
 
 
 def f1_macro(
@@ -78,31 +89,25 @@ def f1_macro(
     """Unweighted mean over ``classes`` of the per-class F1 = 2·TP / (2·TP + FP + FN).
 
     ``classes`` defaults to the union of labels in ``y_true`` and ``y_pred``. A class with no
-    true and no predicted sample has F1 = 0 (scikit-learn's ``zero_division=0``).
+    true and no predicted sample has F1 = 0 (scikit-learn's ``f1_score`` with
+    ``average="macro", zero_division=0``).
     """
+    from sklearn.metrics import f1_score
+
     a, b = _labels(y_true, y_pred)
-    cls = np.unique(np.concatenate([a, b])) if classes is None else np.asarray(classes)
-    f1s = []
-    for c in cls:
-        tp = float(np.sum((a == c) & (b == c)))
-        fp = float(np.sum((a != c) & (b == c)))
-        fn = float(np.sum((a == c) & (b != c)))
-        denom = 2 * tp + fp + fn
-        f1s.append(0.0 if denom == 0 else 2 * tp / denom)
-    return float(np.mean(f1s))
+    labels = None if classes is None else list(classes)
+    return float(f1_score(a, b, labels=labels, average="macro", zero_division=0))
 
 
-def _binary_auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Mann–Whitney AUROC: P(score_pos > score_neg) + 0.5·P(tie). nan if one class is absent."""
-    n_pos = int(positive.sum())
-    n_neg = int(positive.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
+def binary_auroc(positive: Sequence[Any], score: Sequence[float]) -> float:
+    """AUROC of ``score`` for the ``positive`` (True) samples: P(score_pos > score_neg) +
+    0.5·P(tie) (scikit-learn's ``roc_auc_score``); ``nan`` when either class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(positive, dtype=bool).ravel()
+    if y.all() or not y.any():
         return math.nan
-    # average ranks handle ties exactly (a tie counts one half)
-    from scipy.stats import rankdata
-
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(score, dtype=np.float64).ravel()))
 
 
 def auroc_macro(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]) -> float:
@@ -119,8 +124,9 @@ def auroc_macro(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]
     float
         For two classes the AUROC of ``proba[:, 1]`` for ``classes[1]``; for more classes the
         unweighted mean of the one-vs-rest AUROCs over the classes present in ``y_true``
-        (a class absent from the test set has no defined AUROC and is left out). ``nan``
-        when ``y_true`` holds fewer than two classes.
+        (a class absent from the test set has no defined AUROC and is left out, where
+        scikit-learn's multi-class ``roc_auc_score`` refuses). ``nan`` when ``y_true`` holds
+        fewer than two classes.
     """
     a = np.asarray(y_true)
     p = np.asarray(proba, dtype=np.float64)
@@ -133,23 +139,22 @@ def auroc_macro(y_true: Sequence[Any], proba: np.ndarray, classes: Sequence[Any]
     if len(present) < 2:
         return math.nan
     if len(cls) == 2:
-        return _binary_auroc(p[:, 1], a == cls[1])
-    aucs = [_binary_auroc(p[:, cls.index(c)], a == c) for c in present]
-    return float(np.nanmean(aucs))
+        return binary_auroc(a == cls[1], p[:, 1])
+    return float(np.nanmean([binary_auroc(a == c, p[:, cls.index(c)]) for c in present]))
 
 
 def confusion_matrix(
     y_true: Sequence[Any], y_pred: Sequence[Any], classes: Sequence[Any]
 ) -> np.ndarray:
-    """Counts [C, C]: row = true class, column = predicted class, in the order of ``classes``."""
+    """Counts [C, C]: row = true class, column = predicted class, in the order of ``classes``
+    (samples with a label outside ``classes`` are not counted)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
     a, b = _labels(y_true, y_pred)
     cls = list(classes)
-    index = {c: i for i, c in enumerate(cls)}
-    cm = np.zeros((len(cls), len(cls)), dtype=np.int64)
-    for t, p in zip(a.tolist(), b.tolist(), strict=True):
-        if t in index and p in index:
-            cm[index[t], index[p]] += 1
-    return cm
+    if not any(np.any(a == c) for c in cls):  # scikit-learn refuses; nothing to count
+        return np.zeros((len(cls), len(cls)), dtype=np.int64)
+    return sk_confusion_matrix(a, b, labels=cls).astype(np.int64)
 
 
 def classification_metrics(
@@ -173,7 +178,7 @@ def c_index(time: Sequence[float], event: Sequence[Any], risk: Sequence[float]) 
     A pair (i, j) is comparable when patient i had an observed event (``event[i] = 1``)
     strictly before j's time, or at the same time as j when j was censored (j is then known
     to have outlived i). Two events at the same time are not comparable. A comparable pair
-    is concordant when ``risk[i] > risk[j]``; a tie in risk counts one half. This matches
+    is concordant when ``risk[i] > risk[j]``; a tie in risk counts one half. Computed by
     ``lifelines.utils.concordance_index(time, -risk, event)`` (lifelines scores *survival*,
     so its score is the negated risk).
 
@@ -197,19 +202,19 @@ def c_index(time: Sequence[float], event: Sequence[Any], risk: Sequence[float]) 
         )
     if not (np.all(np.isfinite(t)) and np.all(np.isfinite(r))):
         raise ConfigError("time and risk must be finite numbers (found NaN or inf).")
-    num = 0.0
-    den = 0
-    # O(N^2) over events only, in row blocks to keep memory small for large cohorts
-    ev_idx = np.flatnonzero(e)
-    for start in range(0, ev_idx.size, 1024):
-        i = ev_idx[start : start + 1024]
-        ti = t[i][:, None]
-        comparable = (ti < t[None, :]) | ((ti == t[None, :]) & ~e[None, :])
-        ri = r[i][:, None]
-        num += float(np.sum(comparable & (ri > r[None, :])))
-        num += 0.5 * float(np.sum(comparable & (ri == r[None, :])))
-        den += int(np.sum(comparable))
-    return math.nan if den == 0 else num / den
+    if not _has_comparable_pair(t, e):
+        return math.nan
+    from lifelines.utils import concordance_index
+
+    return float(concordance_index(t, -r, e))
+
+
+def _has_comparable_pair(t: np.ndarray, e: np.ndarray) -> bool:
+    """Some observed event strictly before another time, or tied with a censoring."""
+    if not e.any():
+        return False
+    first = t[e].min()
+    return bool(np.any(t > first) or np.any((t == first) & ~e))
 
 
 def summarize(per_fold: Sequence[float | None]) -> dict[str, Any]:

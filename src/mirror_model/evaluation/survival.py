@@ -1,5 +1,8 @@
 """Survival heads on frozen embeddings, Kaplan–Meier curves, log-rank test, C-index.
 
+Kaplan–Meier, log-rank and the C-index are computed by lifelines; our wrappers keep only the
+conventions (curves start at time 0, nan where a test is undefined, the risk direction).
+
 Direction everywhere: a **risk score is higher for a worse prognosis** (earlier death).
 :func:`c_index` of a good risk score is above 0.5.
 
@@ -128,18 +131,27 @@ class KMCurve:
 def kaplan_meier(time: Sequence[float], event: Sequence[Any]) -> KMCurve:
     """Kaplan–Meier survival curve (product-limit estimator) of one group.
 
-    Ties: deaths at a time t are counted before censorings at t (censored patients are at
-    risk at t). Agrees with ``lifelines.KaplanMeierFitter`` on its default timeline.
+    ``lifelines.KaplanMeierFitter`` on its default timeline (every distinct follow-up time);
+    we add time 0 (S = 1) when no one's follow-up is 0, so every curve starts at 0. Ties:
+    deaths at a time t are counted before censorings at t (censored patients are at risk at t).
     """
+    from lifelines import KaplanMeierFitter
+
     t, e = _survival_arrays(time, event)
     if t.size == 0:
         raise ConfigError("kaplan_meier needs at least one patient.")
-    uniq = np.unique(t)
-    timeline = uniq if uniq[0] == 0 else np.concatenate([[0.0], uniq])
-    at_risk = np.array([int(np.sum(t >= u)) for u in timeline], dtype=np.int64)
-    deaths = np.array([int(np.sum((t == u) & e)) for u in timeline], dtype=np.int64)
-    factors = np.where(at_risk > 0, 1.0 - deaths / np.maximum(at_risk, 1), 1.0)
-    return KMCurve(time=timeline, survival=np.cumprod(factors), at_risk=at_risk, events=deaths)
+    kmf = KaplanMeierFitter().fit(t, e)
+    table = kmf.event_table
+    timeline = table.index.to_numpy(dtype=np.float64)
+    survival = kmf.survival_function_.iloc[:, 0].reindex(table.index).to_numpy(np.float64)
+    at_risk = table["at_risk"].to_numpy(np.int64)
+    deaths = table["observed"].to_numpy(np.int64)
+    if timeline[0] != 0:
+        timeline = np.concatenate([[0.0], timeline])
+        survival = np.concatenate([[1.0], survival])
+        at_risk = np.concatenate([[t.size], at_risk])
+        deaths = np.concatenate([[0], deaths])
+    return KMCurve(time=timeline, survival=survival, at_risk=at_risk, events=deaths)
 
 
 @dataclass
@@ -157,35 +169,23 @@ def logrank_test(
 ) -> LogRankResult:
     """Log-rank (Mantel–Cox) test across the groups in ``group`` (any hashable labels).
 
-    Same statistic as ``lifelines.statistics.logrank_test`` for two groups and
-    ``multivariate_logrank_test`` for more. ``p_value`` is nan with fewer than two groups
-    or no observed death.
+    ``lifelines.statistics.multivariate_logrank_test`` (for two groups the same statistic as
+    ``logrank_test``). ``statistic`` and ``p_value`` are nan with fewer than two groups or no
+    observed death, where the test is undefined.
     """
-    from scipy.stats import chi2
+    from lifelines.statistics import multivariate_logrank_test
 
     t, e = _survival_arrays(time, event)
     g = np.asarray(group)
     if g.shape != t.shape:
         raise ConfigError(f"group must have one label per patient ({t.size}); got {g.size}.")
-    labels = np.unique(g)
-    k = labels.size
+    k = np.unique(g).size
     if k < 2 or not e.any():
         return LogRankResult(statistic=math.nan, p_value=math.nan, df=max(k - 1, 0))
-    member = np.stack([g == lab for lab in labels], axis=1)  # [N, k]
-    O_minus_E = np.zeros(k)
-    V = np.zeros((k, k))
-    for u in np.unique(t[e]):
-        risk = t >= u
-        n_j = member[risk].sum(axis=0).astype(np.float64)
-        d_j = member[(t == u) & e].sum(axis=0).astype(np.float64)
-        n, d = n_j.sum(), d_j.sum()
-        O_minus_E += d_j - d * n_j / n
-        if n > 1:
-            f = d * (n - d) / (n * n * (n - 1))
-            V += f * (np.diag(n_j * n) - np.outer(n_j, n_j))
-    Z, Vr = O_minus_E[:-1], V[:-1, :-1]
-    stat = float(Z @ np.linalg.pinv(Vr) @ Z)
-    return LogRankResult(statistic=stat, p_value=float(chi2.sf(stat, k - 1)), df=int(k - 1))
+    res = multivariate_logrank_test(t, g, e)
+    return LogRankResult(
+        statistic=float(res.test_statistic), p_value=float(res.p_value), df=int(k - 1)
+    )
 
 
 def logrank_p(time: Sequence[float], event: Sequence[Any], group: Sequence[Any]) -> float:
