@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +49,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON values: numpy scalars/arrays to Python, paths to str, NaN/inf to None (strict JSON)."""
+def jsonable(obj: Any, fallback: Callable[[Any], Any] | None = None) -> Any:
+    """Plain JSON values, the one cleaner for every JSON/YAML file we write.
+
+    Mappings → dicts with str keys, tuples → lists, numpy scalars/arrays → Python values,
+    paths → str, bytes → text, str subclasses (e.g. torch's version string) → str, NaN/inf →
+    None (strict JSON: "undefined" reads as null). Other objects are returned unchanged, or
+    passed through ``fallback`` (e.g. ``str``) when given.
+    """
     if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, fallback) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, fallback) for v in obj]
     if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
+        return jsonable(obj.tolist(), fallback)
     if isinstance(obj, np.generic):
-        return jsonable(obj.item())
+        return jsonable(obj.item(), fallback)
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     if isinstance(obj, Path):
         return str(obj)
-    return obj
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    if isinstance(obj, str):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    return obj if fallback is None else fallback(obj)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._options import add_device_option
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="demo folder (created; re-run to resume)")
@@ -25,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also write the bundle to the package's data/demo.mirror (rebuilds the shipped bundle)",
     )
     parser.add_argument("--bundle-out", default=None, help="also copy the bundle to this file")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    add_device_option(parser)
     parser.add_argument(
         "--workers",
         type=int,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._options import add_device_option, add_precision_option
+
 
 def _c_value(text: str) -> float | str:
     if text == "cv":
@@ -112,8 +114,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="cv",
         help="L2 penalty of the discrete-time hazard head or 'cv' (default)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (for embedding)")
-    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    add_device_option(parser, purpose="where to embed the patients")
+    add_precision_option(parser, default="fp32", purpose="of the embeddings")
     parser.add_argument(
         "--max-tiles",
         type=int,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._options import add_device_option
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -32,9 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="metrics.json of mirror-train evaluate (default: looked for in the run folder)",
     )
-    parser.add_argument(
-        "--device", default="cpu", help="device to embed the patients on (default cpu)"
-    )
+    add_device_option(parser, default="cpu", purpose="where to embed the patients")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the heads' inner cross-validation"
     )

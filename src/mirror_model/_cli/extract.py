@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._options import add_device_option, add_precision_option
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -75,13 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tile reader threads (default: CPUs - 1, max 4)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="auto = bf16 where the hardware is fast at it",
-    )
+    add_device_option(parser)
+    add_precision_option(parser)
     parser.add_argument(
         "--overwrite", action="store_true", help="re-extract slides whose file exists"
     )

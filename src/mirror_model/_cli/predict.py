@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any
 
+from ._options import add_device_option, add_precision_option
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -41,13 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="level-0 µm/px when the slide file does not record it",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="auto = bf16 where the hardware is fast at it",
-    )
+    add_device_option(parser)
+    add_precision_option(parser)
     parser.add_argument(
         "--encoder-weights",
         default=None,

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._options import add_device_option, add_precision_option
+
 # flag dest -> TrainConfig field
 _FLAG_FIELDS = {
     "epochs": "epochs",
@@ -75,8 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tiles-per-slide", type=int, default=None, help="tiles sampled per slide per step (2048)"
     )
-    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    add_device_option(g, default=None)
+    add_precision_option(g, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument(
         "--num-workers", type=int, default=None, help="background batch-assembly threads"

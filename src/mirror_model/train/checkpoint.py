@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import atomic_path, atomic_write_text
+from .._io import atomic_path, atomic_write_text, jsonable
 from ..errors import TrainingError
 
 __all__ = [
@@ -206,17 +206,5 @@ def load_safetensors_state(path: str | os.PathLike[str]) -> dict[str, torch.Tens
 
 def save_json(path: str | os.PathLike[str], doc: Any) -> None:
     atomic_write_text(
-        path, json.dumps(doc, indent=1, sort_keys=False, default=_json_default) + "\n"
+        path, json.dumps(jsonable(doc), indent=1, sort_keys=False, allow_nan=False) + "\n"
     )
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

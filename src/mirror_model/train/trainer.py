@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .._device import autocast, resolve_device, resolve_precision
-from .._io import atomic_write_text
+from .._io import atomic_write_text, jsonable
 from .._progress import ProgressFn, StopFn, report
 from ..errors import Cancelled, ConfigError, ExpressionError, TrainingError
 from .checkpoint import (
@@ -181,28 +181,6 @@ def _git_version() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist() if obj.size <= 4096 else f"<array {obj.shape}>"
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    if isinstance(obj, str):
-        return str(obj)  # also str subclasses such as torch's TorchVersion
-    if isinstance(obj, bool) or obj is None:
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj)
-    return str(obj)
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -785,7 +763,7 @@ def _encoder_spec(first: SlideInfo) -> dict[str, Any]:
         "encoder_spec": attrs.get("encoder_spec"),
         "source_format": attrs.get("source_format"),
     }
-    return _json_safe(spec)
+    return jsonable(spec, fallback=str)
 
 
 def prepare_fold(
@@ -829,7 +807,12 @@ def prepare_fold(
     train = PatientBags(fold.train, slides, x_train, store)
     val = PatientBags(fold.val, slides, x_val, store)
     return FoldData(
-        fold.fold, train, val, _json_safe(prep.to_dict()), _encoder_spec(first), fold.to_dict()
+        fold.fold,
+        train,
+        val,
+        jsonable(prep.to_dict(), fallback=str),
+        _encoder_spec(first),
+        fold.to_dict(),
     )
 
 
@@ -981,7 +964,7 @@ def _pretrain(
         "version": RUN_FORMAT_VERSION,
         "preset": preset_name,
         "model": base_model.to_dict(),
-        "model_overrides": _json_safe(model_overrides),
+        "model_overrides": jsonable(model_overrides, fallback=str),
         "training": tcfg.to_dict(),
         "data": {
             "cohort": _path_or_none(cohort),
@@ -993,7 +976,7 @@ def _pretrain(
         "precision": precision,
         "package": {"mirror_model": __version__, "git": _git_version(), "torch": torch.__version__},
     }
-    resolved = _json_safe(resolved)
+    resolved = jsonable(resolved, fallback=str)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if (resume or attach) and config_path.is_file():

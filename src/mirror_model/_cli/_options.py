@@ -1,0 +1,62 @@
+"""Options shared by several ``mirror-train`` commands, each defined once.
+
+Defaults, and why they differ between commands:
+
+==========  ==========================  =================================================
+command     ``--device``                ``--precision``
+==========  ==========================  =================================================
+extract     auto                        auto (bf16 where the hardware is fast at it)
+predict     auto                        auto
+pretrain    the config's (auto)         the config's (auto)
+evaluate    auto                        fp32: held-out numbers in full precision
+export      cpu: embeddings, and so     (always fp32)
+            the bundle's heads, are the
+            same on every machine
+demo        auto                        (DemoSettings.precision, fp32)
+==========  ==========================  =================================================
+
+``auto`` device = CUDA when present, else CPU. Precision is never fp16 (see ``_device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["PRECISIONS", "add_device_option", "add_precision_option"]
+
+#: Accepted ``--precision`` values (``auto`` resolves to bf16 or fp32 per device).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def _default_text(default: str | None) -> str:
+    return "the training config's, auto" if default is None else default
+
+
+def add_device_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    default: str | None = "auto",
+    purpose: str = "",
+) -> None:
+    """``--device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); ``default=None`` = the config's."""
+    what = f"{purpose}: " if purpose else ""
+    parser.add_argument(
+        "--device",
+        default=default,
+        help=f"{what}auto, cpu, cuda, cuda:N (default {_default_text(default)})",
+    )
+
+
+def add_precision_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    default: str | None = "auto",
+    purpose: str = "",
+) -> None:
+    """``--precision`` (:data:`PRECISIONS`); ``default=None`` = the training config's."""
+    what = f"{purpose}; " if purpose else ""
+    parser.add_argument(
+        "--precision",
+        default=default,
+        choices=list(PRECISIONS),
+        help=f"{what}auto = bf16 where the hardware is fast at it, else fp32 "
+        f"(default {_default_text(default)})",
+    )
