@@ -21,6 +21,7 @@ from mirror_model.evaluation.survival import (
     assign_bins,
     c_index,
     choose_risk_cutoff,
+    cox_partial_loglik,
     discrete_hazard_nll,
     kaplan_meier,
     logrank_p,
@@ -100,11 +101,67 @@ def test_cox_head_reduces_wide_embeddings_by_pca_and_round_trips():
         head.predict_risk(np.zeros((2, 5)))
 
 
-def test_cox_head_penalizer_by_inner_cv_on_training_data():
+def test_cox_head_penalty_and_l1_ratio_by_inner_cv_on_training_data():
     X, t, e = _cohort(80, 4, 1.0, seed=5)
     head = CoxHead().fit(X, t, e)
     assert head.penalizer_selection_ == "inner_cv"
-    assert head.penalizer_ in head.penalizers
+    assert head.l1_ratio_ in CoxHead.DEFAULT_L1_RATIOS
+    tried = {(l1, a) for l1, a, _ in head.cv_table_}
+    assert (head.l1_ratio_, head.penalizer_) in tried
+    # the winner has the best cross-validated partial log-likelihood of everything tried
+    assert max(v for *_, v in head.cv_table_) == pytest.approx(
+        max(v for l1, a, v in head.cv_table_ if (l1, a) == (head.l1_ratio_, head.penalizer_))
+    )
+    assert head.cv_edge_ is None
+
+
+def test_partial_loglik_equals_lifelines_without_ties():
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    X, t, e = _cohort(60, 2, 1.0, seed=11)
+    df = pd.DataFrame({"a": X[:, 0], "b": X[:, 1], "T": t, "E": e})
+    cph = CoxPHFitter().fit(df, "T", "E")
+    eta = X @ cph.params_.to_numpy()
+    assert float(cox_partial_loglik(t, e, eta)) == pytest.approx(cph.log_likelihood_, rel=1e-6)
+    # several models at once, and ties share the risk set (Breslow): hand example
+    ll = cox_partial_loglik([1, 1, 2], [1, 1, 0], np.zeros((3, 2)))
+    np.testing.assert_allclose(ll, 2 * -np.log(3))
+
+
+def test_cox_head_on_wide_input_finds_planted_genes():
+    """400 'genes', 6 carry the hazard: the lasso end of the grid keeps them, no PCA."""
+    rng = np.random.default_rng(12)
+    n, d = 240, 400
+    X = rng.normal(size=(n, d))
+    beta = np.zeros(d)
+    beta[:6] = [0.8, -0.8, 0.6, -0.6, 0.5, 0.5]
+    T = rng.exponential(np.exp(-X @ beta))
+    C = rng.exponential(2.0, n)
+    t, e = np.minimum(T, C), (T <= C).astype(int)
+    head = CoxHead().fit(X[:160], t[:160], e[:160])
+    assert head.components_ is None and head.coef_.shape == (d,)
+    top = set(np.argsort(-np.abs(head.coef_))[:6].tolist())
+    assert len(top & set(range(6))) >= 5
+    assert c_index(t[160:], e[160:], head.predict_risk(X[160:])) > 0.75
+    back = CoxHead.from_dict(json.loads(json.dumps(head.to_dict())))
+    np.testing.assert_array_equal(back.predict_risk(X[160:]), head.predict_risk(X[160:]))
+
+
+def test_cox_head_extends_a_grid_whose_weakest_penalty_wins():
+    X, t, e = _cohort(200, 2, 2.0, seed=13)
+    head = CoxHead(penalizers=(0.05, 0.04), l1_ratio=1.0).fit(X, t, e)
+    alphas = sorted({a for _, a, _ in head.cv_table_})
+    assert alphas[0] < 0.04 / 50  # the grid grew by two decades, twice
+    assert head.penalizer_ < 0.04 and head.cv_edge_ is None  # the optimum lies in between
+
+
+def test_cox_head_on_noise_chooses_the_null_model():
+    rng = np.random.default_rng(14)
+    X = rng.normal(size=(200, 5))
+    t, e = rng.exponential(1.0, 200), (rng.random(200) < 0.7).astype(int)
+    head = CoxHead(l1_ratio=1.0).fit(X, t, e)
+    assert head.cv_edge_ == "null model" and head.n_nonzero_ == 0
 
 
 def test_cox_head_clear_errors():
@@ -170,6 +227,20 @@ def test_hazard_head_learns_planted_risk_and_round_trips():
     assert np.all(np.diff(S, axis=1) <= 0) and np.all((S > 0) & (S < 1))
     back = DiscreteHazardHead.from_dict(json.loads(json.dumps(head.to_dict())))
     np.testing.assert_array_equal(back.predict_risk(X[200:]), risk)
+
+
+def test_hazard_head_grid_reaches_past_its_ends():
+    # no signal and a grid of weak penalties: the strongest wins, the grid grows by two
+    # decades (its limit) and the end that still wins is reported
+    rng = np.random.default_rng(14)
+    X = rng.normal(size=(200, 5))
+    t, e = rng.exponential(1.0, 200), (rng.random(200) < 0.7).astype(int)
+    head = DiscreteHazardHead(weight_decays=(1e-4, 1e-5)).fit(X, t, e)
+    assert [w for w, _ in head.cv_scores_] == [0.01, 0.001, 0.0001, 1e-05]
+    assert head.weight_decay_ == 0.01 and head.cv_edge_ == "strongest penalty"
+    # a planted signal inside the default grid: no edge
+    X, t, e = _cohort(300, 5, 1.2, seed=7)
+    assert DiscreteHazardHead().fit(X, t, e).cv_edge_ is None
 
 
 def test_hazard_head_optimum_beats_perturbations():

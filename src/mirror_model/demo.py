@@ -180,7 +180,10 @@ class DemoSettings:
         kw: dict[str, Any] = {"k_shots": tuple(self.k_shots), "n_draws": self.n_draws, "seed": 0}
         if self.fast_heads:
             # fixed regularisation instead of inner cross-validation (tests: speed, not numbers)
-            kw.update(probe_C=1.0, cox_penalizer=1.0, hazard_weight_decay=0.01, hazard_max_iter=100)
+            kw.update(
+                probe_C=1.0, cox_penalizer=0.05, cox_l1_ratio=0.5, hazard_weight_decay=0.01,
+                hazard_max_iter=100,
+            )
         return kw
 
 

@@ -32,6 +32,13 @@ def _c_value(text: str) -> float | str:
     return v
 
 
+def _ratio_value(text: str) -> float | str:
+    v = _c_value(text)
+    if v != "cv" and not 0 < float(v) <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'cv', got {text!r}")
+    return v
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "runs", nargs="*", metavar="RUN", help="pretraining run folder(s) (none: --raw-inputs only)"
@@ -100,13 +107,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="logistic-regression C, or 'cv' = inner CV on training patients (default)",
     )
     parser.add_argument(
-        "--cox-penalizer", type=_c_value, default="cv", help="Cox L2 penaliser or 'cv' (default)"
+        "--cox-penalizer",
+        type=_c_value,
+        default="cv",
+        help="elastic-net Cox penalty (alpha) or 'cv' = inner CV on training patients (default)",
+    )
+    parser.add_argument(
+        "--cox-l1-ratio",
+        type=_ratio_value,
+        default="cv",
+        help="elastic-net mixing in (0, 1] (1 = lasso, 0.05 = near ridge) or 'cv' (default)",
     )
     parser.add_argument(
         "--cox-components",
         type=int,
-        default=32,
-        help="PCA components before the Cox model when embeddings are wider (default 32; 0 = no PCA)",
+        default=0,
+        help="PCA components before the Cox model (default 0 = none: the penalty does the work)",
     )
     parser.add_argument(
         "--hazard-weight-decay",
@@ -193,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         probe_C=args.probe_c,
         cox_penalizer=args.cox_penalizer,
+        cox_l1_ratio=args.cox_l1_ratio,
         cox_max_components=None if args.cox_components == 0 else args.cox_components,
         hazard_weight_decay=args.hazard_weight_decay,
     )

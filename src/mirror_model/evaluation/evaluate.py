@@ -15,7 +15,8 @@ Tasks (keys of ``metrics.json``):
   over ``n_draws`` seeded draws (the same draws for every input); a fold's value is the mean
   over its draws. The standardisation uses all training patients' embeddings (no labels):
   scales estimated from 2k points are unstable.
-- ``survival_cox`` — :class:`~.survival.CoxHead` (penaliser by inner CV).
+- ``survival_cox`` — :class:`~.survival.CoxHead` (elastic-net Cox; penalty and l1 ratio by
+  inner CV; a grid end that wins is listed in ``notes``).
 - ``survival_hazard`` — :class:`~.survival.DiscreteHazardHead` (4 bins from the training
   patients' uncensored times; risk = −Σ_t S_t).
 
@@ -150,7 +151,8 @@ class EvaluationSettings:
     seed: int = 0
     probe_C: float | str = "cv"
     cox_penalizer: float | str = "cv"
-    cox_max_components: int | None = 32
+    cox_l1_ratio: float | str = "cv"
+    cox_max_components: int | None = None
     hazard_weight_decay: float | str = "cv"
     hazard_max_iter: int = 500
     hazard_bins: int = 4
@@ -180,6 +182,7 @@ class EvaluationSettings:
             "seed": self.seed,
             "probe_C": self.probe_C,
             "cox_penalizer": self.cox_penalizer,
+            "cox_l1_ratio": self.cox_l1_ratio,
             "cox_max_components": self.cox_max_components,
             "hazard_weight_decay": self.hazard_weight_decay,
             "hazard_max_iter": self.hazard_max_iter,
@@ -476,7 +479,12 @@ def _k_shot_draws(f: _FoldInput, tr: np.ndarray, te: np.ndarray, q: int) -> list
 def _survival_head(task: str, s: EvaluationSettings) -> Any:
     """The unfitted head of a survival task, with the settings' regularisation."""
     if task == "survival_cox":
-        return CoxHead(penalizer=s.cox_penalizer, max_components=s.cox_max_components, seed=s.seed)
+        return CoxHead(
+            penalizer=s.cox_penalizer,
+            l1_ratio=s.cox_l1_ratio,
+            max_components=s.cox_max_components,
+            seed=s.seed,
+        )
     return DiscreteHazardHead(
         n_bins=s.hazard_bins,
         weight_decay=s.hazard_weight_decay,
@@ -487,12 +495,39 @@ def _survival_head(task: str, s: EvaluationSettings) -> Any:
 
 def _survival_choices(task: str, head: Any) -> dict[str, Any]:
     if task == "survival_cox":
-        return {"penalizer": head.penalizer_, "selection": head.penalizer_selection_}
+        return {
+            "penalizer": head.penalizer_,
+            "l1_ratio": head.l1_ratio_,
+            "n_nonzero": head.n_nonzero_,
+            "selection": head.penalizer_selection_,
+            "cv_edge": head.cv_edge_,
+        }
     return {
         "weight_decay": head.weight_decay_,
         "selection": head.weight_decay_selection_,
+        "cv_edge": head.cv_edge_,
         "bin_edges": head.bin_edges_.tolist(),
     }
+
+
+def _edge_note(task: str, head: Any) -> str | None:
+    """Why a grid end won, in words (None when the choice lies inside the grid)."""
+    edge = getattr(head, "cv_edge_", None)
+    if edge is None:
+        return None
+    if edge == "null model":
+        return (
+            f"{task}: inner CV chose the null model (every coefficient zero: this input "
+            "predicts survival no better than a constant on the training patients)"
+        )
+    what, value = (
+        ("penalty", head.penalizer_) if task == "survival_cox" else
+        ("weight decay", head.weight_decay_)
+    )  # fmt: skip
+    return (
+        f"{task}: inner CV chose the {edge} of its grid even after extending it (the "
+        f"optimum may lie beyond: {what} {value:g})"
+    )
 
 
 def _survival_tasks(f: _FoldInput, out: _Collected) -> dict[str, Any]:
@@ -516,6 +551,9 @@ def _survival_tasks(f: _FoldInput, out: _Collected) -> dict[str, Any]:
             out.note(f"fold {f.fold}: no test patient with survival data; {task} is null.")
             out.null(f.inp, [task])
             continue
+        edge = _edge_note(task, fit.head)
+        if edge is not None:
+            out.note(f"fold {f.fold}, input '{f.inp}', {edge}.")
         risk_te = fit.head.predict_risk(f.X[te])
         out.add(task, f.inp, {"c_index": c_index(t[te], e[te], risk_te)})
         chosen[task] = {

@@ -8,22 +8,20 @@ Direction everywhere: a **risk score is higher for a worse prognosis** (earlier 
 
 Deployable heads (used by the model bundle; prediction needs numpy only, nothing pickled):
 
-- :class:`CoxHead` — penalised Cox proportional-hazards model (lifelines ``CoxPHFitter``)
-  on standardised embeddings. When the embedding has more dimensions than
-  ``max_components`` (default 32), it is first reduced by PCA fitted on the training
-  patients, then the components are standardised. Why: with D ≈ 768 dimensions and a few
-  hundred patients (often fewer events) the Cox partial likelihood is not identifiable
-  without strong penalisation, and lifelines' Newton steps cost O(D³) per iteration; a
-  32-component PCA keeps the fit fast and stable while the penalty (chosen by inner CV)
-  handles the rest. ``predict_risk`` is the linear predictor x·β (log partial hazard up
-  to a constant).
+- :class:`CoxHead` — elastic-net Cox proportional-hazards model (scikit-survival's Coxnet,
+  glmnet's path algorithm) on standardised inputs, penalty and l1 ratio chosen by inner
+  cross-validation (cross-validated partial likelihood) on the training patients; no
+  dimension reduction by default (``max_components`` optionally adds a PCA). Works on raw
+  genes (thousands of columns) as on embeddings. ``predict_risk`` is the linear predictor
+  x·β (log partial hazard up to a constant).
 - :class:`DiscreteHazardHead` — the paper's head: follow-up cut into ``n_bins`` (4) bins at
   the quantiles of the *uncensored training* times, a linear layer gives one hazard logit
   per bin, h_t = sigmoid(logit_t), S_t = Π_{s≤t}(1 − h_s), trained with the discrete-time
   negative log-likelihood (:func:`discrete_hazard_nll`); risk = −Σ_t S_t.
 
-Both choose their regularisation strength by inner cross-validation (held-out C-index) on
-the training patients only when given ``"cv"``.
+Both choose their regularisation strength by inner cross-validation on the training
+patients only when given ``"cv"``, extend their grid past an end that wins and record in
+``cv_edge_`` when the optimum still lies at an end (evaluation notes it).
 """
 
 from __future__ import annotations
@@ -49,6 +47,7 @@ __all__ = [
     "assign_bins",
     "c_index",
     "choose_risk_cutoff",
+    "cox_partial_loglik",
     "discrete_hazard_nll",
     "kaplan_meier",
     "logrank_p",
@@ -221,88 +220,167 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------
-# inner CV helper
+# inner CV helpers
 # ---------------------------------------------------------------------------------------
-def _inner_cv_choice(
-    candidates: Sequence[float],
-    make_head: Any,
-    X: np.ndarray,
-    t: np.ndarray,
-    e: np.ndarray,
-    n_folds: int,
-    seed: int,
-) -> float:
-    """Pick the candidate with the best mean held-out C-index over inner folds of the
-    training data (stratified by event). Ties go to the first (strongest) candidate."""
-    from sklearn.model_selection import StratifiedKFold
+def _inner_splits(
+    e: np.ndarray, n_folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inner folds of the training patients, stratified by event when possible."""
+    from sklearn.model_selection import KFold, StratifiedKFold
 
-    n_ev, n_cens = int(e.sum()), int((~e).sum())
-    strata_ok = min(n_ev, n_cens) >= n_folds
-    if strata_ok:
-        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = list(splitter.split(X, e.astype(int)))
-    else:
-        from sklearn.model_selection import KFold
+    idx = np.arange(e.size)
+    if min(int(e.sum()), int((~e).sum())) >= n_folds:
+        sp = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return list(sp.split(idx, e.astype(int)))
+    return list(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(idx))
 
-        splits = list(KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(X))
-    scores = np.zeros(len(candidates))
-    for j, cand in enumerate(candidates):
-        vals = []
-        for tr, va in splits:
-            if e[tr].sum() < 2:
-                continue
-            try:
-                head = make_head(cand).fit(X[tr], t[tr], e[tr])
-            except (ConfigError, TrainingError):
-                continue
-            ci = c_index(t[va], e[va], head.predict_risk(X[va]))
-            if not math.isnan(ci):
-                vals.append(ci)
-        scores[j] = np.mean(vals) if vals else -np.inf
-    return float(candidates[int(np.argmax(scores))])
+
+def _n_inner_folds(requested: int, e: np.ndarray) -> int:
+    """Inner folds actually used: at most one per 2 deaths (each fold needs events)."""
+    return min(int(requested), int(e.sum()) // 2)
+
+
+def cox_partial_loglik(time: Any, event: Any, eta: Any) -> np.ndarray:
+    """Breslow partial log-likelihood of linear predictors ``eta`` ([N] or [N, K] for K
+    models at once): Σ over deaths of η_i − log Σ_{t_j ≥ t_i} exp(η_j). Returns [K] (or a
+    0-d array for a single model)."""
+    t = np.asarray(time, np.float64)
+    e = np.asarray(event).astype(bool)
+    eta = np.asarray(eta, np.float64)
+    single = eta.ndim == 1
+    E = eta[:, None] if single else eta
+    order = np.argsort(t, kind="stable")
+    ts, Es, es = t[order], E[order], e[order]
+    m = Es.max(axis=0, keepdims=True)
+    rev = np.cumsum(np.exp(Es - m)[::-1], axis=0)[::-1]  # Σ_{j >= i} in sorted order
+    first = np.searchsorted(ts, ts, side="left")  # tied times share the whole risk set
+    log_risk = np.log(rev[first]) + m
+    ll = ((Es - log_risk) * es[:, None]).sum(axis=0)
+    return ll[0] if single else ll
+
+
+def _surv_array(t: np.ndarray, e: np.ndarray) -> np.ndarray:
+    y = np.empty(t.size, dtype=[("event", bool), ("time", np.float64)])
+    y["event"], y["time"] = e, t
+    return y
+
+
+def _coxnet_path(
+    Z: np.ndarray, t: np.ndarray, e: np.ndarray, l1_ratio: float, alphas: np.ndarray | None,
+    n_alphas: int, alpha_min_ratio: float,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(alphas [A], coefficients [D, A]) of scikit-survival's Coxnet (glmnet's coordinate
+    descent with warm starts along a decreasing penalty path). Penalties where the solver
+    failed (numerical overflow at a weak penalty) get NaN coefficients."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+
+    kw: dict[str, Any] = {"alphas": alphas} if alphas is not None else {
+        "n_alphas": n_alphas, "alpha_min_ratio": alpha_min_ratio,
+    }  # fmt: skip
+    model = CoxnetSurvivalAnalysis(
+        l1_ratio=l1_ratio, normalize=False, fit_baseline_model=False, max_iter=100_000, **kw
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            model.fit(Z, _surv_array(t, e))
+        except (ArithmeticError, ValueError):
+            if alphas is None or len(alphas) < 2:
+                raise
+            # a weak penalty overflowed: keep the path up to it
+            good = _coxnet_path(Z, t, e, l1_ratio, alphas[: len(alphas) // 2], n_alphas, 0.0)
+            coef = np.full((Z.shape[1], len(alphas)), np.nan)
+            coef[:, : good[1].shape[1]] = good[1]
+            return np.asarray(alphas, np.float64), coef
+    coef = np.asarray(model.coef_, np.float64)
+    got = np.asarray(model.alphas_, np.float64)
+    if alphas is not None and len(got) < len(alphas):  # path stopped early (saturated fit)
+        full = np.full((Z.shape[1], len(alphas)), np.nan)
+        full[:, : len(got)] = coef
+        return np.asarray(alphas, np.float64), full
+    return got, coef
 
 
 # ---------------------------------------------------------------------------------------
 # Cox head
 # ---------------------------------------------------------------------------------------
 class CoxHead:
-    """Penalised Cox model on (PCA-reduced) standardised embeddings; numpy prediction.
+    """Elastic-net Cox model on standardised inputs (scikit-survival's Coxnet); numpy prediction.
+
+    The penalty ``alpha`` and the elastic-net mixing ``l1_ratio`` are chosen by inner
+    cross-validation on the training patients when given as ``"cv"``: for each l1 ratio a
+    path of penalties from ``alpha_max`` (every coefficient zero: the null model) down to
+    ``alpha_min_ratio · alpha_max`` is fitted on the training patients and on each inner
+    fold's training part, and the pair with the highest cross-validated partial
+    log-likelihood (Verweij & van Houwelingen 1993; glmnet's ``cv.glmnet`` for Cox) wins.
+    When the weakest penalty wins, the path is extended two decades further (twice at most);
+    if it still wins, ``cv_edge_`` says so (and evaluation notes it). No dimension reduction
+    unless ``max_components`` is given.
+
+    The objective (as glmnet's) is −ℓ(β)/N + α·(l1_ratio·‖β‖₁ + (1 − l1_ratio)/2·‖β‖²) with ℓ
+    the Breslow partial log-likelihood of standardised inputs.
 
     Parameters
     ----------
     penalizer : float or "cv"
-        lifelines ``CoxPHFitter(penalizer=...)`` (L2 unless ``l1_ratio`` > 0). ``"cv"``
-        picks it from ``penalizers`` by inner CV (held-out C-index) on the training patients.
-    penalizers : grid for ``"cv"``, strongest first.
-    l1_ratio : elastic-net mixing of lifelines (0 = ridge).
-    max_components : PCA to this many components when the embedding has more dimensions
-        (also capped at n_train − 1); ``None`` never reduces.
-    inner_folds : inner CV folds for ``"cv"``.
+        ``alpha``; ``"cv"`` chooses it on the path (or among ``penalizers`` when given).
+    penalizers : explicit alpha grid for ``"cv"`` (default: the path from alpha_max).
+    l1_ratio : float in (0, 1] or "cv"
+        Elastic-net mixing (1 = lasso; small = close to ridge); ``"cv"`` picks it from
+        ``l1_ratios``.
+    l1_ratios : grid for ``l1_ratio="cv"``.
+    n_alphas, alpha_min_ratio : the penalty path (``alpha_min_ratio`` None = 0.01 when
+        there are more features than patients, else 1e-4, as glmnet).
+    max_components : optional PCA to this many components first (None: never).
+    inner_folds : inner CV folds (at most one per two deaths).
     seed : inner-CV shuffling seed.
 
     Attributes
     ----------
-    mean_, scale_ : [D] standardisation of the raw embedding.
-    components_ : [M, D] PCA axes (in standardised space) or None when not reduced.
-    component_scale_ : [M] standard deviation of each component on the training data.
-    coef_ : [M] (or [D]) Cox coefficients on the standardised components.
-    penalizer_ : the penalizer used for the final fit.
+    mean_, scale_ : [D] standardisation of the raw input.
+    components_ : [M, D] PCA axes or None.  component_scale_ : [M] (ones without PCA).
+    coef_ : [M] coefficients on the standardised input (risk = z · coef_).
+    penalizer_, l1_ratio_ : the chosen alpha and l1 ratio.
+    penalizer_selection_ : ``"inner_cv"``, ``"fixed"`` or why CV was not possible.
+    cv_edge_ : None, ``"weakest penalty"`` (the optimum may lie beyond the grid) or
+        ``"null model"`` (no input beats the constant risk).
+    cv_table_ : list of (l1_ratio, alpha, cv partial log-likelihood) evaluated.
+    n_nonzero_ : number of non-zero coefficients.
     """
+
+    DEFAULT_L1_RATIOS = (0.05, 0.5, 1.0)
 
     def __init__(
         self,
         penalizer: float | str = "cv",
-        penalizers: Sequence[float] = (10.0, 1.0, 0.1, 0.01),
-        l1_ratio: float = 0.0,
-        max_components: int | None = 32,
-        inner_folds: int = 3,
+        penalizers: Sequence[float] | None = None,
+        l1_ratio: float | str = "cv",
+        l1_ratios: Sequence[float] = DEFAULT_L1_RATIOS,
+        n_alphas: int = 40,
+        alpha_min_ratio: float | None = None,
+        max_components: int | None = None,
+        inner_folds: int = 5,
         seed: int = 0,
     ) -> None:
         if not (penalizer == "cv" or (isinstance(penalizer, (int, float)) and penalizer >= 0)):
             raise ConfigError(f"CoxHead penalizer must be >= 0 or 'cv'; got {penalizer!r}.")
+        ratios = [float(r) for r in l1_ratios]
+        if l1_ratio != "cv":
+            ratios = [float(l1_ratio)]
+        if not ratios or any(not 0 < r <= 1 for r in ratios):
+            raise ConfigError(
+                f"CoxHead l1_ratio must be in (0, 1] (1 = lasso, small = near ridge) or 'cv'; "
+                f"got {l1_ratio!r} / {list(l1_ratios)}."
+            )
+        if int(n_alphas) < 2 or int(inner_folds) < 2:
+            raise ConfigError("CoxHead needs n_alphas >= 2 and inner_folds >= 2.")
         self.penalizer = penalizer
-        self.penalizers = tuple(float(p) for p in penalizers)
-        self.l1_ratio = float(l1_ratio)
+        self.penalizers = None if penalizers is None else tuple(float(p) for p in penalizers)
+        self.l1_ratio = l1_ratio
+        self.l1_ratios = tuple(ratios)
+        self.n_alphas = int(n_alphas)
+        self.alpha_min_ratio = alpha_min_ratio
         self.max_components = max_components
         self.inner_folds = int(inner_folds)
         self.seed = int(seed)
@@ -314,7 +392,7 @@ class CoxHead:
         return Z / self.component_scale_
 
     def fit(self, X: Any, time: Any, event: Any) -> CoxHead:
-        """Fit on training embeddings ``X`` [N, D], follow-up ``time`` [N] and ``event`` [N]
+        """Fit on training inputs ``X`` [N, D], follow-up ``time`` [N] and ``event`` [N]
         (1 = death observed); returns self."""
         X = _as_2d(X)
         t, e = _survival_arrays(time, event, X.shape[0])
@@ -323,34 +401,11 @@ class CoxHead:
                 f"a Cox model needs at least 3 training patients and one observed death; got "
                 f"{X.shape[0]} patients with {int(e.sum())} deaths."
             )
-        if self.penalizer == "cv":
-            n_folds = min(self.inner_folds, int(e.sum()) // 2)
-            if n_folds >= 2:
-                self.penalizer_ = _inner_cv_choice(
-                    self.penalizers,
-                    lambda p: CoxHead(
-                        p, l1_ratio=self.l1_ratio, max_components=self.max_components
-                    ),
-                    X,
-                    t,
-                    e,
-                    n_folds,
-                    self.seed,
-                )
-                self.penalizer_selection_ = "inner_cv"
-            else:
-                self.penalizer_ = self.penalizers[0]
-                self.penalizer_selection_ = "fixed (too few deaths for inner CV)"
-        else:
-            self.penalizer_ = float(self.penalizer)
-            self.penalizer_selection_ = "fixed"
-
         self.mean_, self.scale_ = _standardize_fit(X)
         Z = (X - self.mean_) / self.scale_
         n, d = Z.shape
         m = d if self.max_components is None else min(d, int(self.max_components), max(n - 1, 1))
-        if m < d:
-            # PCA by SVD of the (already centred) standardised training matrix
+        if m < d:  # optional PCA by SVD of the standardised training matrix
             _, _, vt = np.linalg.svd(Z, full_matrices=False)
             self.components_ = vt[:m]
             Z = Z @ self.components_.T
@@ -359,38 +414,91 @@ class CoxHead:
         sd = Z.std(axis=0)
         self.component_scale_ = np.where(sd > 1e-12, sd, 1.0)
         Z = Z / self.component_scale_
-        self.coef_ = self._fit_lifelines(Z, t, e)
+        self.cv_edge_ = None
+        self.cv_table_: list[tuple[float, float, float]] = []
+        ratio = self.alpha_min_ratio
+        if ratio is None:
+            ratio = 0.01 if Z.shape[1] >= n else 1e-4
+        fixed = self.penalizer != "cv"
+        n_folds = _n_inner_folds(self.inner_folds, e)
+        if n_folds < 2 and (not fixed or len(self.l1_ratios) > 1):
+            # too few deaths to cross-validate: a strong, fixed choice
+            self.penalizer_selection_ = "fixed (too few deaths for inner CV)"
+            l1 = max(self.l1_ratios)
+            alphas, coef = _coxnet_path(Z, t, e, l1, None, self.n_alphas, ratio)
+            k = min(len(alphas) - 1, len(alphas) // 4)
+            self.l1_ratio_, self.penalizer_ = l1, float(alphas[k])
+            self.coef_ = np.nan_to_num(coef[:, k])
+        else:
+            self._fit_cv(Z, t, e, n_folds, ratio, fixed)
+        self.n_nonzero_ = int(np.sum(self.coef_ != 0))
         return self
 
-    def _fit_lifelines(self, Z: np.ndarray, t: np.ndarray, e: np.ndarray) -> np.ndarray:
-        import pandas as pd
-        from lifelines import CoxPHFitter
-        from lifelines.exceptions import ConvergenceError
+    def _fit_cv(
+        self, Z: np.ndarray, t: np.ndarray, e: np.ndarray, n_folds: int, ratio: float, fixed: bool
+    ) -> None:
+        splits = _inner_splits(e, max(n_folds, 2), self.seed) if n_folds >= 2 else []
+        best: tuple[float, float, float, np.ndarray] | None = None  # (cvl, l1, alpha, coef)
+        edges: dict[float, str | None] = {}
+        for l1 in self.l1_ratios:
+            if fixed:
+                alphas: np.ndarray | None = np.array([float(self.penalizer)])
+            elif self.penalizers is not None:
+                alphas = np.array(sorted(self.penalizers, reverse=True), np.float64)
+            else:
+                alphas = None
+            for _extension in range(3):
+                alphas, coef = _coxnet_path(Z, t, e, l1, alphas, self.n_alphas, ratio)
+                cvl = self._cv_loglik(Z, t, e, l1, alphas, splits) if splits else np.zeros(1)
+                for a, v in zip(alphas, cvl, strict=True):
+                    self.cv_table_.append((float(l1), float(a), float(v)))
+                ok = np.isfinite(cvl) & np.all(np.isfinite(coef), axis=0)
+                if not ok.any():
+                    break
+                k = int(np.argmax(np.where(ok, cvl, -np.inf)))
+                at_weak = not fixed and k == len(alphas) - 1
+                if at_weak and _extension < 2:
+                    # the optimum may lie beyond the grid: two more decades of weaker penalties
+                    step = alphas[-1] / alphas[-2] if len(alphas) > 1 else 0.1
+                    more = alphas[-1] * step ** np.arange(1, int(round(2 / -np.log10(step))) + 1)
+                    alphas = np.concatenate([alphas, more])
+                    continue
+                edges[l1] = (
+                    "weakest penalty" if at_weak else
+                    "null model" if (not fixed and k == 0 and not np.any(coef[:, 0])) else None
+                )  # fmt: skip
+                if best is None or cvl[k] > best[0]:
+                    best = (float(cvl[k]), float(l1), float(alphas[k]), coef[:, k].copy())
+                break
+        if best is None:
+            raise TrainingError(
+                "the Cox model could not be fitted for any penalty (numerical overflow); check "
+                "the input for constant or duplicated columns."
+            )
+        _, self.l1_ratio_, self.penalizer_, self.coef_ = best
+        self.cv_edge_ = edges.get(self.l1_ratio_)
+        self.penalizer_selection_ = "inner_cv" if splits else "fixed"
 
-        cols = [f"z{i}" for i in range(Z.shape[1])]
-        df = pd.DataFrame(Z, columns=cols)
-        df["_time"] = t
-        df["_event"] = e.astype(int)
-        pen = self.penalizer_
-        last_exc: Exception | None = None
-        # an unpenalised or weakly penalised fit can diverge on separable data; stronger
-        # penalties always converge, so retry up the ladder and record what was used
-        for _ in range(4):
+    @staticmethod
+    def _cv_loglik(
+        Z: np.ndarray, t: np.ndarray, e: np.ndarray, l1: float, alphas: np.ndarray,
+        splits: list[tuple[np.ndarray, np.ndarray]],
+    ) -> np.ndarray:  # fmt: skip
+        """Cross-validated partial log-likelihood of each alpha: Σ_k ℓ(β_−k) − ℓ_−k(β_−k)."""
+        total = np.zeros(len(alphas))
+        for tr, _va in splits:
+            if e[tr].sum() < 1:
+                continue
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    cph = CoxPHFitter(penalizer=pen, l1_ratio=self.l1_ratio)
-                    cph.fit(df, duration_col="_time", event_col="_event")
-                self.penalizer_ = float(pen)
-                return cph.params_.reindex(cols).to_numpy(dtype=np.float64)
-            except (ConvergenceError, np.linalg.LinAlgError, ValueError) as exc:
-                last_exc = exc
-                pen = max(pen * 10.0, 0.1)
-        raise TrainingError(
-            f"the Cox model did not converge even with penalizer {pen / 10:g} "
-            f"({type(last_exc).__name__}: {last_exc}); check the embeddings for constant or "
-            "duplicated columns."
-        )
+                _, coef = _coxnet_path(Z[tr], t[tr], e[tr], l1, alphas, 0, 0.0)
+            except (ArithmeticError, ValueError):
+                return np.full(len(alphas), -np.inf)
+            bad = ~np.all(np.isfinite(coef), axis=0)
+            coef = np.nan_to_num(coef)
+            full = cox_partial_loglik(t, e, Z @ coef)
+            part = cox_partial_loglik(t[tr], e[tr], Z[tr] @ coef)
+            total += np.where(bad, -np.inf, full - part)
+        return total
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
@@ -407,25 +515,32 @@ class CoxHead:
         self._check_fitted()
         return {
             "type": "CoxHead",
-            "version": 1,
+            "version": 2,
             "mean": self.mean_.tolist(),
             "scale": self.scale_.tolist(),
             "components": None if self.components_ is None else self.components_.tolist(),
             "component_scale": self.component_scale_.tolist(),
             "coef": self.coef_.tolist(),
             "penalizer": self.penalizer_,
-            "l1_ratio": self.l1_ratio,
+            "l1_ratio": self.l1_ratio_,
+            "selection": self.penalizer_selection_,
+            "cv_edge": self.cv_edge_,
+            "solver": "scikit-survival CoxnetSurvivalAnalysis",
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoxHead:
-        """Rebuild a fitted head from :meth:`to_dict` output (no lifelines needed)."""
+        """Rebuild a fitted head from :meth:`to_dict` output (numpy only; version-1 dicts of
+        the earlier lifelines head load too)."""
         try:
             if d.get("type", "CoxHead") != "CoxHead":
                 raise ConfigError(f"expected a CoxHead dict, got type {d.get('type')!r}.")
-            head = cls(penalizer=float(d["penalizer"]), l1_ratio=float(d.get("l1_ratio", 0.0)))
+            l1 = float(d.get("l1_ratio", 0.0))
+            head = cls(penalizer=float(d["penalizer"]), l1_ratio="cv")
             head.penalizer_ = float(d["penalizer"])
-            head.penalizer_selection_ = "fixed"
+            head.l1_ratio_ = l1
+            head.penalizer_selection_ = str(d.get("selection", "fixed"))
+            head.cv_edge_ = d.get("cv_edge")
             head.mean_ = np.asarray(d["mean"], dtype=np.float64)
             head.scale_ = np.asarray(d["scale"], dtype=np.float64)
             comps = d.get("components")
@@ -441,6 +556,7 @@ class CoxHead:
         ok = ok and (head.components_ is None or head.components_.shape == (M, D))
         if not ok:
             raise ConfigError("malformed CoxHead dict: array shapes do not agree.")
+        head.n_nonzero_ = int(np.sum(head.coef_ != 0))
         return head
 
 
@@ -528,8 +644,10 @@ class DiscreteHazardHead:
     ----------
     n_bins : number of time bins (4 = quartiles of the uncensored training times).
     weight_decay : L2 penalty on the weights (added to the mean NLL as wd·‖W‖²), or
-        ``"cv"`` to pick it from ``weight_decays`` by inner CV (held-out C-index) on the
-        training data.
+        ``"cv"`` to pick it from ``weight_decays`` by inner CV on the training data: the
+        penalty with the lowest held-out NLL (a proper score, steadier than the C-index of a
+        small fold). When an end of the grid wins, the grid is extended by up to two decades
+        in that direction; if an end still wins, ``cv_edge_`` says so.
     max_iter : L-BFGS iterations at most.
     alpha : weight of the extra uncensored term of the NLL (0 = plain likelihood).
     seed : seed of the inner-CV shuffling.
@@ -537,6 +655,8 @@ class DiscreteHazardHead:
     Attributes
     ----------
     bin_edges_ : inner edges (time unit of the input), from the training patients only.
+    weight_decay_, weight_decay_selection_ : the penalty used and how it was chosen.
+    cv_edge_ : None, ``"weakest penalty"`` or ``"strongest penalty"`` (grid end chosen).
     n_bins_ : number of bins actually used (len(bin_edges_) + 1).
     mean_, scale_ : [D] standardisation.  weight_ : [n_bins_, D].  bias_ : [n_bins_].
     train_loss_ : final penalised training objective.
@@ -546,10 +666,10 @@ class DiscreteHazardHead:
         self,
         n_bins: int = 4,
         weight_decay: float | str = "cv",
-        weight_decays: Sequence[float] = (1.0, 0.1, 0.01, 0.001),
+        weight_decays: Sequence[float] = (100.0, 10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4),
         max_iter: int = 500,
         alpha: float = 0.0,
-        inner_folds: int = 3,
+        inner_folds: int = 5,
         seed: int = 0,
     ) -> None:
         if not (
@@ -579,12 +699,11 @@ class DiscreteHazardHead:
         t, e = _survival_arrays(time, event, X.shape[0])
         self.bin_edges_ = survival_bin_edges(t, e, self.n_bins)
         self.n_bins_ = int(self.bin_edges_.size + 1)
+        self.cv_edge_ = None
         if self.weight_decay == "cv":
-            n_folds = min(self.inner_folds, int(e.sum()) // 2)
+            n_folds = _n_inner_folds(self.inner_folds, e)
             if n_folds >= 2:
-                self.weight_decay_ = _inner_cv_choice(
-                    self.weight_decays, self._sub, X, t, e, n_folds, self.seed
-                )
+                self.weight_decay_ = self._choose_weight_decay(X, t, e, n_folds)
                 self.weight_decay_selection_ = "inner_cv"
             else:
                 self.weight_decay_ = self.weight_decays[0]
@@ -596,6 +715,43 @@ class DiscreteHazardHead:
         with _torch_threads(1):  # tiny problem: extra threads only add contention
             self._optimize((X - self.mean_) / self.scale_, assign_bins(t, self.bin_edges_), e)
         return self
+
+    def _choose_weight_decay(self, X: np.ndarray, t: np.ndarray, e: np.ndarray, k: int) -> float:
+        """Weight decay with the lowest mean held-out NLL over inner folds (extending the
+        grid past an end that wins, by up to two decades)."""
+        splits = _inner_splits(e, k, self.seed)
+        scores: dict[float, float] = {}
+
+        def score(wd: float) -> float:
+            if wd not in scores:
+                vals = []
+                for tr, va in splits:
+                    try:
+                        sub = self._sub(wd).fit(X[tr], t[tr], e[tr])
+                    except (ConfigError, TrainingError):
+                        continue
+                    h = sub.predict_hazards(X[va])
+                    y = np.minimum(assign_bins(t[va], sub.bin_edges_), sub.n_bins_ - 1)
+                    vals.append(discrete_hazard_nll(h, y, e[va], self.alpha))
+                scores[wd] = float(np.mean(vals)) if vals else np.inf
+            return scores[wd]
+
+        grid = sorted(set(self.weight_decays), reverse=True)  # strongest first
+        for _ in range(3):
+            vals = [score(w) for w in grid]
+            j = int(np.argmin(vals))  # ties: the stronger penalty (listed first)
+            if 0 < j < len(grid) - 1 or len(grid) < 2:
+                break
+            ext = grid[0] * 10.0 if j == 0 else grid[-1] / 10.0
+            if ext > 100 * max(self.weight_decays) or ext < min(self.weight_decays) / 100:
+                break
+            grid = [ext, *grid] if j == 0 else [*grid, ext]
+        vals = [score(w) for w in grid]
+        j = int(np.argmin(vals))
+        if len(grid) > 1 and j in (0, len(grid) - 1):
+            self.cv_edge_ = "strongest penalty" if j == 0 else "weakest penalty"
+        self.cv_scores_ = sorted(scores.items(), reverse=True)
+        return float(grid[j])
 
     def _optimize(self, Z_np: np.ndarray, y_np: np.ndarray, e_np: np.ndarray) -> None:
         import torch
