@@ -8,7 +8,7 @@ import math
 import pytest
 
 from mirror_model.config import LOSS_NAMES, PRESETS, ModelConfig, get_preset, list_presets
-from mirror_model.errors import ConfigError, MirrorError
+from mirror_model.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", list_presets())
@@ -85,34 +85,48 @@ def test_replace_and_overrides_validate():
 
 
 @pytest.mark.parametrize(
-    ("changes", "field"),
+    ("changes", "message"),
     [
-        ({"embed_dim": 0}, "embed_dim"),
-        ({"embed_dim": 12.5}, "embed_dim"),
-        ({"patch_dim": True}, "patch_dim"),
-        ({"slide_encoder": "clam"}, "slide_encoder"),
-        ({"rna_encoder": "cnn"}, "rna_encoder"),
-        ({"slide_mask_ratio": 0.0}, "slide_mask_ratio"),
-        ({"rna_mask_ratio": 1.5}, "rna_mask_ratio"),
-        ({"slide_dropout": 1.0}, "slide_dropout"),
-        ({"ppeg_kernels": (7, 4)}, "ppeg_kernels"),
-        ({"ppeg_kernels": ()}, "ppeg_kernels"),
-        ({"nystrom_conv_kernel": 32}, "nystrom_conv_kernel"),
-        ({"n_prototypes": 1}, "n_prototypes"),
-        ({"weight_style": -0.1}, "weight_style"),
-        ({"weight_align": float("nan")}, "weight_align"),
-        ({"embed_dim": 100, "slide_heads": 8}, "slide_heads"),  # 100 is not divisible by 8
-        ({"logit_scale_max": 10.0}, "logit_scale_init"),  # exp(init) = 14.3 > 10
-        ({"retention_stop_gradient": "yes"}, "retention_stop_gradient"),
-        ({"nystrom_exact_when_short": 1}, "nystrom_exact_when_short"),
-        ({"heatmap_layer": "middle"}, "heatmap_layer"),
-        ({"style_hidden_dims": ()}, "style_hidden_dims"),
+        ({"embed_dim": 0}, "ModelConfig.embed_dim = 0 is invalid: must be an integer >= 1."),
+        ({"embed_dim": 12.5}, "ModelConfig.embed_dim = 12.5 is invalid: must be an integer >= 1."),
+        ({"patch_dim": True}, "ModelConfig.patch_dim = True is invalid: must be an integer >= 1."),
+        ({"slide_encoder": "clam"},
+         "ModelConfig.slide_encoder = 'clam' is invalid: must be one of transmil, abmil."),
+        ({"rna_encoder": "cnn"}, "ModelConfig.rna_encoder = 'cnn' is invalid: must be one of "),
+        ({"slide_mask_ratio": 0.0},
+         "ModelConfig.slide_mask_ratio = 0.0 is invalid: must be a number in (0, 1]."),
+        ({"rna_mask_ratio": 1.5},
+         "ModelConfig.rna_mask_ratio = 1.5 is invalid: must be a number in (0, 1]."),
+        ({"slide_dropout": 1.0},
+         "ModelConfig.slide_dropout = 1.0 is invalid: must be a number in [0, 1)."),
+        ({"ppeg_kernels": (7, 4)},
+         "ModelConfig.ppeg_kernels = (7, 4) is invalid: must be a non-empty list of odd kernel"),
+        ({"ppeg_kernels": ()}, "ModelConfig.ppeg_kernels = () is invalid: must hold at least one"),
+        ({"nystrom_conv_kernel": 32},
+         "ModelConfig.nystrom_conv_kernel = 32 is invalid: must be odd so the convolution"),
+        ({"n_prototypes": 1}, "ModelConfig.n_prototypes = 1 is invalid: must be an integer >= 2."),
+        ({"weight_style": -0.1}, "ModelConfig.weight_style = -0.1 is invalid: must be a number "
+         ">= 0 (0 switches the term off)."),
+        ({"weight_align": float("nan")}, "ModelConfig.weight_align = nan is invalid: must be a"),
+        ({"embed_dim": 100, "slide_heads": 8},  # 100 is not divisible by 8
+         "ModelConfig.slide_heads = 8 is invalid: must divide embed_dim = 100."),
+        ({"logit_scale_max": 10.0},  # exp(init) = 14.3 > 10
+         "ModelConfig.logit_scale_init = 2.659260036932778 is invalid: exp(logit_scale_init) "
+         "must be <= logit_scale_max = 10.0."),
+        ({"retention_stop_gradient": "yes"},
+         "ModelConfig.retention_stop_gradient = 'yes' is invalid: must be true or false."),
+        ({"nystrom_exact_when_short": 1},
+         "ModelConfig.nystrom_exact_when_short = 1 is invalid: must be true or false."),
+        ({"heatmap_layer": "middle"},
+         "ModelConfig.heatmap_layer = 'middle' is invalid: must be one of first, last."),
+        ({"style_hidden_dims": ()},
+         "ModelConfig.style_hidden_dims = () is invalid: must hold at least one value."),
     ],
-)
-def test_invalid_values_name_the_field(changes, field):
-    with pytest.raises(ConfigError, match=field) as info:
+)  # fmt: skip
+def test_invalid_values_get_one_message_naming_field_value_and_rule(changes, message):
+    with pytest.raises(ConfigError) as info:
         get_preset("mirror").replace(**changes)
-    assert isinstance(info.value, MirrorError)
+    assert str(info.value).startswith(message), str(info.value)
 
 
 def test_all_zero_weights_rejected():

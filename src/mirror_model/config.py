@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ._validation import FieldChecker, is_int, is_number
 from .errors import ConfigError
 
 __all__ = [
@@ -195,10 +196,10 @@ class ModelConfig:
         """
         _check_names(changes, "ModelConfig.replace")
         width = changes.get("embed_dim")
-        if _is_int(width) and width > 0:
+        if is_int(width) and width > 0:
             for heads_field in ("slide_heads", "rna_heads"):
                 heads = getattr(self, heads_field)
-                if heads_field not in changes and _is_int(heads) and heads > 0 and width % heads:
+                if heads_field not in changes and is_int(heads) and heads > 0 and width % heads:
                     changes[heads_field] = max(h for h in range(1, heads + 1) if width % h == 0)
         return dataclasses.replace(self, **changes)
 
@@ -249,88 +250,73 @@ def _check_names(data: dict[str, Any], where: str) -> None:
         )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 def _validate(c: ModelConfig) -> None:
-    def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"ModelConfig.{name} = {getattr(c, name)!r} is invalid: {why}.")
-
-    if not isinstance(c.name, str):
-        raise bad("name", "must be a string")
+    v = FieldChecker(c, "ModelConfig")
+    v.rule("name", isinstance(c.name, str), "must be a string")
     positive_ints = (
         "patch_dim", "n_genes", "embed_dim", "slide_heads", "pinv_iterations", "abmil_attention_dim",
         "rna_heads", "rna_depth", "slide_decoder_depth", "rna_decoder_depth", "latent_dim",
     )  # fmt: skip
     for name in positive_ints:
-        v = getattr(c, name)
-        if not _is_int(v) or v < 1:
-            raise bad(name, "must be a positive integer")
+        v.integer(name, 1)
     for name in ("slide_landmarks", "nystrom_conv_kernel"):
-        v = getattr(c, name)
-        if not _is_int(v) or v < 0:
-            raise bad(name, "must be a non-negative integer (0 = default / off)")
-    if c.nystrom_conv_kernel and c.nystrom_conv_kernel % 2 == 0:
-        raise bad("nystrom_conv_kernel", "must be odd so the convolution keeps the sequence length")
-    if not _is_int(c.n_prototypes) or c.n_prototypes < 2:
-        raise bad("n_prototypes", "must be an integer >= 2")
-    if c.slide_encoder not in _SLIDE_ENCODERS:
-        raise bad("slide_encoder", f"must be one of {', '.join(_SLIDE_ENCODERS)}")
-    if c.heatmap_layer not in HEATMAP_LAYERS:
-        raise bad("heatmap_layer", f"must be one of {', '.join(HEATMAP_LAYERS)}")
-    if c.rna_encoder not in _RNA_ENCODERS:
-        raise bad("rna_encoder", f"must be one of {', '.join(_RNA_ENCODERS)}")
-    for name in ("ppeg_kernels", "rna_mlp_hidden_dims", "style_hidden_dims"):
-        v = getattr(c, name)
-        if not isinstance(v, tuple) or not all(_is_int(k) and k >= 1 for k in v):
-            raise bad(name, "must be a list of positive integers")
-    if not c.ppeg_kernels or any(k % 2 == 0 for k in c.ppeg_kernels):
-        raise bad("ppeg_kernels", "must be a non-empty list of odd kernel sizes (e.g. [7, 5, 3])")
-    if not c.style_hidden_dims:
-        raise bad("style_hidden_dims", "must hold at least one width (e.g. [512, 256])")
+        v.integer(name, 0, note="0 = default / off")
+    v.rule(
+        "nystrom_conv_kernel",
+        not c.nystrom_conv_kernel or c.nystrom_conv_kernel % 2 == 1,
+        "must be odd so the convolution keeps the sequence length",
+    )
+    v.integer("n_prototypes", 2)
+    v.choice("slide_encoder", _SLIDE_ENCODERS)
+    v.choice("heatmap_layer", HEATMAP_LAYERS)
+    v.choice("rna_encoder", _RNA_ENCODERS)
+    v.int_sequence("ppeg_kernels", non_empty=True)
+    v.rule(
+        "ppeg_kernels",
+        all(k % 2 == 1 for k in c.ppeg_kernels),
+        "must be a non-empty list of odd kernel sizes (e.g. [7, 5, 3])",
+    )
+    v.int_sequence("rna_mlp_hidden_dims")
+    v.int_sequence("style_hidden_dims", non_empty=True)
     for name in ("slide_dropout", "abmil_dropout", "rna_dropout"):
-        v = getattr(c, name)
-        if not _is_num(v) or not 0.0 <= v < 1.0:
-            raise bad(name, "must be a probability in [0, 1)")
+        v.number(name, 0.0, 1.0, hi_open=True)
     for name in ("slide_mask_ratio", "rna_mask_ratio"):
-        v = getattr(c, name)
-        if not _is_num(v) or not 0.0 < v <= 1.0:
-            raise bad(name, "must be a fraction in (0, 1]")
-    if not _is_num(c.rna_mlp_ratio) or c.rna_mlp_ratio <= 0:
-        raise bad("rna_mlp_ratio", "must be a positive number")
-    if not _is_num(c.logit_scale_max) or c.logit_scale_max <= 0:
-        raise bad("logit_scale_max", "must be a positive number (the cap on s = exp(t))")
-    if (
-        not _is_num(c.logit_scale_init)
-        or math.exp(min(c.logit_scale_init, 700)) > c.logit_scale_max
+        v.number(name, 0.0, 1.0, lo_open=True)
+    v.number("rna_mlp_ratio", 0.0, lo_open=True)
+    v.number("logit_scale_max", 0.0, lo_open=True, note="the cap on s = exp(t)")
+    v.rule(
+        "logit_scale_init",
+        is_number(c.logit_scale_init)
+        and math.exp(min(c.logit_scale_init, 700)) <= c.logit_scale_max,
+        f"exp(logit_scale_init) must be <= logit_scale_max = {c.logit_scale_max}",
+    )
+    for name in (
+        "align_normalize_after_head",
+        "retention_stop_gradient",
+        "nystrom_exact_when_short",
     ):
-        raise bad(
-            "logit_scale_init",
-            f"exp(logit_scale_init) must be <= logit_scale_max = {c.logit_scale_max}",
-        )
-    for name in ("align_normalize_after_head", "retention_stop_gradient", "nystrom_exact_when_short"):
-        if not isinstance(getattr(c, name), bool):
-            raise bad(name, "must be true or false")
+        v.boolean(name)
     for n in LOSS_NAMES:
-        v = getattr(c, f"weight_{n}")
-        if not _is_num(v) or v < 0:
-            raise bad(f"weight_{n}", "must be a non-negative number (0 switches the term off)")
+        v.number(f"weight_{n}", 0.0, note="0 switches the term off")
     if not c.active_losses:
         raise ConfigError(
             "ModelConfig: all loss weights are 0, nothing would be trained; "
             "set at least one of " + ", ".join(f"weight_{n}" for n in LOSS_NAMES) + " > 0."
         )
-    if c.slide_encoder == "transmil" and c.embed_dim % c.slide_heads:
-        raise bad("slide_heads", f"must divide embed_dim = {c.embed_dim}")
-    if c.weight_ret_slide > 0 and c.embed_dim % c.slide_heads:
-        raise bad("slide_heads", f"must divide embed_dim = {c.embed_dim} (slide retention decoder)")
-    if (c.rna_encoder == "mirror" or c.weight_ret_rna > 0) and c.embed_dim % c.rna_heads:
-        raise bad("rna_heads", f"must divide embed_dim = {c.embed_dim}")
+    divides = f"must divide embed_dim = {c.embed_dim}"
+    v.rule(
+        "slide_heads", c.slide_encoder != "transmil" or c.embed_dim % c.slide_heads == 0, divides
+    )
+    v.rule(
+        "slide_heads",
+        c.weight_ret_slide <= 0 or c.embed_dim % c.slide_heads == 0,
+        divides + " (slide retention decoder)",
+    )
+    v.rule(
+        "rna_heads",
+        not (c.rna_encoder == "mirror" or c.weight_ret_rna > 0) or c.embed_dim % c.rna_heads == 0,
+        divides,
+    )
 
 
 # ---------------------------------------------------------------------- presets

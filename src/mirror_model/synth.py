@@ -80,6 +80,7 @@ import numpy as np
 
 from ._io import atomic_path, atomic_write_text
 from ._progress import ProgressFn, StopFn, check_cancel, report
+from ._validation import FieldChecker
 from .errors import ConfigError
 
 __all__ = [
@@ -142,46 +143,39 @@ class SynthConfig:
     baseline_log_sd: float = 1.2
 
     def validate(self) -> None:
-        if self.n_patients < 2:
-            raise ConfigError(f"n_patients must be >= 2, got {self.n_patients}.")
-        if not 2 <= len(self.subtypes) <= len(MORPHOLOGIES):
-            raise ConfigError(
-                f"subtypes must name 2 or 3 classes (morphologies {', '.join(MORPHOLOGIES)} in "
-                f"that order), got {list(self.subtypes)}."
-            )
-        if len(set(self.subtypes)) != len(self.subtypes) or any(not s for s in self.subtypes):
-            raise ConfigError(
-                f"subtype names must be distinct and non-empty: {list(self.subtypes)}."
-            )
-        if self.slide_px < 512 or self.slide_px % 256:
-            raise ConfigError(
-                f"slide_px must be a multiple of 256 and >= 512, got {self.slide_px}."
-            )
-        if self.slide_px > 32768:
-            raise ConfigError(f"slide_px must be <= 32768, got {self.slide_px}.")
-        if self.mask_downsample not in (1, 2, 4, 8, 16, 32, 64):
-            raise ConfigError(
-                f"mask_downsample must be a power of 2 up to 64, got {self.mask_downsample}."
-            )
-        if self.pyramid_downsample not in (2, 4):
-            raise ConfigError(f"pyramid_downsample must be 2 or 4, got {self.pyramid_downsample}.")
-        if self.tile_px % 16 or not 64 <= self.tile_px <= 1024:
-            raise ConfigError(f"tile_px must be a multiple of 16 in 64..1024, got {self.tile_px}.")
-        if not self.mpp > 0:
-            raise ConfigError(f"mpp must be > 0, got {self.mpp}.")
+        v = FieldChecker(self, "SynthConfig")
+        v.integer("n_patients", 2)
+        v.rule("n_patients", self.n_patients <= 9999, "must be <= 9999 (4-digit barcodes)")
+        v.rule(
+            "subtypes",
+            2 <= len(self.subtypes) <= len(MORPHOLOGIES),
+            f"must name 2 or 3 classes (morphologies {', '.join(MORPHOLOGIES)} in that order)",
+        )
+        v.rule(
+            "subtypes",
+            len(set(self.subtypes)) == len(self.subtypes) and all(self.subtypes),
+            "subtype names must be distinct and non-empty",
+        )
+        v.integer("slide_px", 512)
+        v.rule(
+            "slide_px",
+            self.slide_px % 256 == 0 and self.slide_px <= 32768,
+            "must be a multiple of 256 in 512..32768",
+        )
+        v.choice("mask_downsample", (1, 2, 4, 8, 16, 32, 64))
+        v.choice("pyramid_downsample", (2, 4))
+        v.integer("tile_px", 64)
+        v.rule(
+            "tile_px",
+            self.tile_px % 16 == 0 and self.tile_px <= 1024,
+            "must be a multiple of 16 in 64..1024",
+        )
+        v.number("mpp", 0.0, lo_open=True)
         min_genes = 4 * len(self.subtypes) + 8
-        if self.n_genes < min_genes:
-            raise ConfigError(
-                f"n_genes must be >= {min_genes} for {len(self.subtypes)} subtypes, got {self.n_genes}."
-            )
-        if self.slides_per_patient < 1:
-            raise ConfigError(f"slides_per_patient must be >= 1, got {self.slides_per_patient}.")
-        if self.n_patients > 9999:
-            raise ConfigError(
-                f"n_patients must be <= 9999 (4-digit barcodes), got {self.n_patients}."
-            )
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}.")
+        v.integer("n_genes", min_genes, note=f"{len(self.subtypes)} subtypes need that many")
+        v.integer("slides_per_patient", 1)
+        v.integer("jpeg_quality", 1)
+        v.rule("jpeg_quality", self.jpeg_quality <= 100, "must be in 1..100")
 
     def to_dict(self) -> dict:
         d = asdict(self)

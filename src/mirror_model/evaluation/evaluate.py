@@ -58,6 +58,7 @@ import numpy as np
 from .._io import atomic_write_text, jsonable
 from .._kinds import INPUT_KINDS, input_matrix
 from .._progress import ProgressFn, StopFn, check_cancel, report
+from .._validation import FieldChecker
 from ..errors import ConfigError, MirrorError
 from .heads import (
     HeadTargets,
@@ -160,15 +161,14 @@ class EvaluationSettings:
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
         self.k_shots = tuple(int(k) for k in self.k_shots)
-        bad = [i for i in self.inputs if i not in INPUTS]
-        if bad or not self.inputs:
-            raise ConfigError(
-                f"inputs must be a non-empty subset of {list(INPUTS)}; got {list(self.inputs)}."
-            )
-        if any(k < 1 for k in self.k_shots):
-            raise ConfigError(f"k-shot values must be >= 1; got {list(self.k_shots)}.")
-        if self.n_draws < 1:
-            raise ConfigError(f"n_draws must be >= 1; got {self.n_draws}.")
+        v = FieldChecker(self, "EvaluationSettings")
+        v.rule(
+            "inputs",
+            bool(self.inputs) and all(i in INPUTS for i in self.inputs),
+            f"must be a non-empty subset of {list(INPUTS)}",
+        )
+        v.rule("k_shots", all(k >= 1 for k in self.k_shots), "k-shot values must be >= 1")
+        v.integer("n_draws", 1)
 
     @property
     def tasks(self) -> list[str]:

@@ -8,11 +8,11 @@ then the defaults below (the authors' released configuration, design §1.7).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .._validation import FieldChecker, coerce, is_number
 from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "parse_set_overrides"]
@@ -139,54 +139,38 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid option."""
-
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"training option {name}={getattr(self, name)!r}: {why}")
-
-        def pos_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise bad(name, f"must be an integer >= {minimum}")
-
-        def number(name: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(name, "must be a finite number")
-            if v < lo or (lo_open and v == lo) or v > hi:
-                raise bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}]")
-
-        pos_int("epochs")
-        pos_int("batch_size")
-        number("lr", 0.0, lo_open=True)
-        number("weight_decay", 0.0)
-        number("warmup_epochs", 0.0)
-        number("min_lr_ratio", 0.0, 1.0)
-        pos_int("tiles_per_slide")
-        if self.val_tiles_per_slide is not None:
-            pos_int("val_tiles_per_slide")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise bad("seed", "must be a non-negative integer")
-        pos_int("folds")
-        if self.fold is not None:
-            if isinstance(self.fold, bool) or not isinstance(self.fold, int):
-                raise bad("fold", "must be an integer (0-based fold index) or null")
-            if not 0 <= self.fold < self.folds:
-                raise bad("fold", f"must be between 0 and folds-1 = {self.folds - 1}")
-        number("inner_val_fraction", 0.0, 0.9, lo_open=True)
-        if self.n_genes is not None:
-            pos_int("n_genes")
-        pos_int("num_workers", 0)
-        number("cache_gb", 0.0)
-        pos_int("checkpoint_every_steps", 0)
-        if self.max_steps is not None:
-            pos_int("max_steps")
-        pos_int("log_every_steps")
-        if self.stop_gradient is not None and not isinstance(self.stop_gradient, bool):
-            raise bad("stop_gradient", "must be true, false or null")
-        if self.grad_clip is not None:
-            number("grad_clip", 0.0)
-        if len(tuple(self.betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
-            raise bad("betas", "must be two numbers in [0, 1)")
+        c = FieldChecker(self, "TrainConfig")
+        for name in ("epochs", "batch_size", "tiles_per_slide", "folds", "log_every_steps"):
+            c.integer(name, 1)
+        for name in ("val_tiles_per_slide", "n_genes", "max_steps"):
+            c.integer(name, 1, optional=True)
+        for name in ("seed", "num_workers", "checkpoint_every_steps"):
+            c.integer(name, 0)
+        c.number("lr", 0.0, lo_open=True)
+        c.number("weight_decay", 0.0)
+        c.number("warmup_epochs", 0.0)
+        c.number("min_lr_ratio", 0.0, 1.0)
+        c.number("inner_val_fraction", 0.0, 0.9, lo_open=True)
+        c.number("cache_gb", 0.0)
+        c.number("grad_clip", 0.0, optional=True)
+        c.integer("fold", 0, optional=True)
+        c.rule(
+            "fold",
+            self.fold is None or self.fold < self.folds,
+            f"must be between 0 and folds-1 = {self.folds - 1}",
+        )
+        c.boolean("stop_gradient", optional=True)
+        betas = tuple(self.betas)
+        c.rule(
+            "betas",
+            len(betas) == 2 and all(is_number(b) and 0.0 <= b < 1.0 for b in betas),
+            "must be two numbers in [0, 1)",
+        )
+        c.rule(
+            "precision",
+            str(self.precision).lower() not in ("fp16", "float16", "half"),
+            "fp16 is not supported; use bf16 or fp32",
+        )
         for name, allowed in (
             ("schedule", _SCHEDULES),
             ("optimizer", _OPTIMIZERS),
@@ -196,13 +180,13 @@ class TrainConfig:
             ("feature_cache", ("memory", "lazy")),
             ("cache_dtype", ("float32", "bfloat16")),
         ):
-            if getattr(self, name) not in allowed:
-                raise bad(name, f"must be one of {', '.join(allowed)}")
-        if str(self.precision).lower() in ("fp16", "float16", "half"):
-            raise bad("precision", "fp16 is not supported; use bf16 or fp32")
+            c.choice(name, allowed)
         dev = str(self.device).lower()
-        if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
-            raise bad("device", "must be auto, cpu, cuda or cuda:N")
+        c.rule(
+            "device",
+            dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+            "must be auto, cpu, cuda or cuda:N",
+        )
 
     # ------------------------------------------------------------------ round trip
     def to_dict(self) -> dict[str, Any]:
@@ -255,63 +239,23 @@ class TrainConfig:
         return self.val_tiles_per_slide or self.tiles_per_slide
 
 
-_FIELD_TYPES: dict[str, str] = {}
+# choice options are case-insensitive on input
+_LOWERCASE = (
+    "schedule",
+    "optimizer",
+    "precision",
+    "multi_slide",
+    "gene_selection",
+    "feature_cache",
+)
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Coerce YAML/CLI strings and ints to the field's type; leave validation to validate()."""
-    if not _FIELD_TYPES:
-        for f in fields(cls):
-            _FIELD_TYPES[f.name] = str(f.type)
-    t = _FIELD_TYPES[name]
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and "None" in t:
-        return None
-    try:
-        if t.startswith("int"):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            return int(value) if isinstance(value, str) else value
-        if t.startswith("float"):
-            return (
-                float(value)
-                if isinstance(value, (str, int)) and not isinstance(value, bool)
-                else value
-            )
-        if t == "str":
-            return (
-                str(value).lower()
-                if name
-                in (
-                    "schedule",
-                    "optimizer",
-                    "precision",
-                    "multi_slide",
-                    "gene_selection",
-                    "feature_cache",
-                )
-                else str(value)
-            )
-        if name == "betas":
-            if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            return tuple(float(v) for v in value)
-        if t == "bool | None":
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("true", "yes", "1", "on"):
-                    return True
-                if low in ("false", "no", "0", "off"):
-                    return False
-            return value
-        if name == "extra":
-            return dict(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"training option {name}={value!r}: cannot be read as {t} ({exc})."
-        ) from None
-    return value
+    """YAML/CLI text to the option's type (validation follows in :meth:`TrainConfig.validate`)."""
+    if name == "extra":
+        return dict(value) if isinstance(value, Mapping) else value
+    value = coerce(cls, name, value)
+    return value.lower() if name in _LOWERCASE and isinstance(value, str) else value
 
 
 def parse_set_overrides(items: list[str] | None) -> dict[str, Any]:
