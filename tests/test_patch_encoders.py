@@ -460,3 +460,39 @@ def test_encoder_from_spec(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="give its file"):
         encoder_from_spec(tspec)
     assert encoder_from_spec(tspec, weights=ts).spec == tspec
+
+
+def test_registry_builds_a_registered_encoder_and_the_base_class_prepares_input():
+    import torch
+
+    from mirror_model.patch_encoders import (
+        PatchEncoder,
+        PatchEncoderSpec,
+        _registry,
+        register_patch_encoder,
+    )
+
+    seen = {}
+
+    class MeanColour(PatchEncoder):
+        def embed(self, x):
+            seen["shape"] = tuple(x.shape)
+            return x.mean(dim=(2, 3))
+
+    @register_patch_encoder("test-mean-colour")
+    def _make(name, *, weights=None, allow_random=False, input_px=None, mean=None, std=None):
+        spec = PatchEncoderSpec(name=name, input_px=input_px or 8, mean=(0.5,) * 3,
+                                std=(0.25,) * 3, dim=3, kind="test")  # fmt: skip
+        return MeanColour(spec)
+
+    try:
+        assert "test-mean-colour" in list_patch_encoders()
+        enc = create_patch_encoder("TEST-mean-colour", input_px=4)
+        y = enc(torch.full((2, 3, 16, 16), 0.75))  # [0, 1] RGB, resized to 4 px, normalised
+        assert seen["shape"] == (2, 3, 4, 4)
+        torch.testing.assert_close(y, torch.ones(2, 3))  # (0.75 - 0.5) / 0.25
+        with pytest.raises(ValueError, match="registered twice"):
+            register_patch_encoder("test-mean-colour")(_make)
+    finally:
+        del _registry._EXACT["test-mean-colour"]
+        _registry._LISTED.remove("test-mean-colour")

@@ -26,6 +26,11 @@ Names
 
 Random weights are only used with ``allow_random=True`` (benchmarks); otherwise a ViT without
 ``weights=`` is an error, because its features would be meaningless.
+
+Adding an encoder: subclass :class:`PatchEncoder` (implement ``embed``; the base class's
+``forward`` normalises and resizes) in its own file and register a factory with
+:func:`register_patch_encoder` (the registry is :mod:`._registry`, as timm's
+``register_model``); import the file below so it registers.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ import torch
 
 from .._device import resolve_device
 from ..errors import ConfigError
+
+# importing the encoder modules registers them
+from . import stain_texture as _stain_texture  # noqa: F401
+from . import torchscript as _torchscript  # noqa: F401
+from . import vit as _vit  # noqa: F401
+from ._registry import find_factory, list_patch_encoders, register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
 
 __all__ = [
@@ -48,16 +59,10 @@ __all__ = [
     "create_patch_encoder",
     "encoder_from_spec",
     "list_patch_encoders",
+    "register_patch_encoder",
 ]
 
 DEFAULT_PATCH_ENCODER = "stain-texture"
-
-
-def list_patch_encoders() -> list[str]:
-    """Names accepted by :func:`create_patch_encoder` (prefix forms end with ``<...>``)."""
-    from .vit import NAMED_VITS, VIT_ARCHS
-
-    return ["stain-texture", *NAMED_VITS, *VIT_ARCHS, "timm:<model_name>", "torchscript:<path>"]
 
 
 def create_patch_encoder(
@@ -96,63 +101,19 @@ def create_patch_encoder(
         raise ConfigError(f"patch encoder name must be a non-empty string, got {name!r}.")
     name = name.strip()
     dev = resolve_device(device)
-    key = name.lower()
-    if key in ("stain-texture", "stain_texture", "staintexture"):
-        if weights is not None:
-            raise ConfigError(
-                "the 'stain-texture' encoder has no weights; drop --weights or choose a ViT encoder."
-            )
-        from .stain_texture import STAIN_TEXTURE_SPEC as _st
-
-        fixed = (
-            (input_px is None or int(input_px) == _st.input_px)
-            and (mean is None or tuple(float(v) for v in mean) == _st.mean)
-            and (std is None or tuple(float(v) for v in std) == _st.std)
+    found = find_factory(name)
+    if found is None:
+        maybe_path = Path(name)
+        hint = ""
+        if maybe_path.suffix in (".pt", ".pth", ".ts") and maybe_path.exists():
+            hint = f" For a TorchScript file use 'torchscript:{name}'."
+        raise ConfigError(
+            f"unknown patch encoder {name!r}. Known: {', '.join(list_patch_encoders())}.{hint}"
         )
-        if not fixed:
-            raise ConfigError(
-                "the 'stain-texture' encoder has a fixed input (64 px, no normalisation); "
-                "input_px/mean/std (--input-px/--mean/--std) apply to TorchScript and ViT encoders only."
-            )
-        from .stain_texture import StainTextureEncoder
-
-        enc: PatchEncoder = StainTextureEncoder()
-    elif key.startswith("torchscript:"):
-        from .torchscript import load_torchscript_encoder
-
-        path = name.split(":", 1)[1]
-        enc = load_torchscript_encoder(path, input_px=input_px, mean=mean, std=std)
-    elif key.startswith("timm:"):
-        from .vit import create_timm_encoder
-
-        enc = create_timm_encoder(
-            name.split(":", 1)[1],
-            weights=weights,
-            allow_random=allow_random,
-            mean=mean,
-            std=std,
-            input_px=input_px,
-        )
-    else:
-        from .vit import NAMED_VITS, VIT_ARCHS, create_vit_encoder
-
-        if key in NAMED_VITS or key in VIT_ARCHS:
-            enc = create_vit_encoder(
-                key,
-                weights=weights,
-                allow_random=allow_random,
-                mean=mean,
-                std=std,
-                input_px=input_px,
-            )
-        else:
-            maybe_path = Path(name)
-            hint = ""
-            if maybe_path.suffix in (".pt", ".pth", ".ts") and maybe_path.exists():
-                hint = f" For a TorchScript file use 'torchscript:{name}'."
-            raise ConfigError(
-                f"unknown patch encoder {name!r}. Known: {', '.join(list_patch_encoders())}.{hint}"
-            )
+    factory, arg = found
+    enc = factory(
+        arg, weights=weights, allow_random=allow_random, input_px=input_px, mean=mean, std=std
+    )
     return enc.to(dev).eval()
 
 

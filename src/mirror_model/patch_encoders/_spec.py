@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -103,7 +104,12 @@ class PatchEncoderSpec:
 
 
 class PatchEncoder(nn.Module):
-    """Base class: holds ``spec`` and normalises [0, 1] input with ``spec.mean``/``spec.std``."""
+    """Base class: holds ``spec``; ``forward`` normalises [0, 1] input with
+    ``spec.mean``/``spec.std``, resizes it to ``spec.input_px`` and calls :meth:`embed`.
+
+    Subclasses implement :meth:`embed` (the network on a normalised, resized batch); an
+    encoder with its own preprocessing overrides ``forward``.
+    """
 
     spec: PatchEncoderSpec
 
@@ -123,6 +129,23 @@ class PatchEncoder(nn.Module):
                 f"patch encoder {self.spec.name!r} expects a [B, 3, H, W] batch, got {tuple(x.shape)}."
             )
         return (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised and, when needed, resized to ``spec.input_px`` (bilinear, antialiased)."""
+        x = self.normalize(x)
+        px = self.spec.input_px
+        if x.shape[-2:] != (px, px):
+            x = F.interpolate(
+                x, size=(px, px), mode="bilinear", antialias=True, align_corners=False
+            )
+        return x
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, spec.dim]`` of a prepared batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed()")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.prepare(x))
 
     def set_spec(self, spec: PatchEncoderSpec) -> None:
         self.spec = spec

@@ -36,10 +36,14 @@ The design trades detail for speed (≈ 400+ tiles/s per CPU core for the encode
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+from ._registry import register_patch_encoder
 from ._spec import PatchEncoder, PatchEncoderSpec
 
 __all__ = ["STAIN_TEXTURE_SPEC", "StainTextureEncoder"]
@@ -246,3 +250,30 @@ def _standardize(m: torch.Tensor) -> torch.Tensor:
     mu = m.mean((1, 2), keepdim=True)
     sd = m.std((1, 2), keepdim=True)
     return (m - mu) / (sd + 1e-4)
+
+
+@register_patch_encoder("stain-texture", "stain_texture", "staintexture")
+def _create(
+    name: str,
+    *,
+    weights: Any = None,
+    allow_random: bool = False,
+    input_px: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> StainTextureEncoder:
+    if weights is not None:
+        raise ConfigError(
+            "the 'stain-texture' encoder has no weights; drop --weights or choose a ViT encoder."
+        )
+    fixed = (
+        (input_px is None or int(input_px) == STAIN_TEXTURE_SPEC.input_px)
+        and (mean is None or tuple(float(v) for v in mean) == STAIN_TEXTURE_SPEC.mean)
+        and (std is None or tuple(float(v) for v in std) == STAIN_TEXTURE_SPEC.std)
+    )
+    if not fixed:
+        raise ConfigError(
+            "the 'stain-texture' encoder has a fixed input (64 px, no normalisation); "
+            "input_px/mean/std (--input-px/--mean/--std) apply to TorchScript and ViT encoders only."
+        )
+    return StainTextureEncoder()

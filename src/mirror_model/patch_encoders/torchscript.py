@@ -16,31 +16,39 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ._registry import register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
 
 __all__ = ["TorchScriptEncoder", "load_torchscript_encoder"]
 
 
 class TorchScriptEncoder(PatchEncoder):
-    """Normalisation + resize to ``input_px`` + the scripted module."""
+    """The scripted module behind the base class's normalisation and resize."""
 
     def __init__(self, module: torch.jit.ScriptModule, spec: PatchEncoderSpec) -> None:
         super().__init__(spec)
         self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        px = self.spec.input_px
-        if x.shape[-2:] != (px, px):
-            x = F.interpolate(
-                x, size=(px, px), mode="bilinear", antialias=True, align_corners=False
-            )
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+@register_patch_encoder("torchscript:", prefix=True, listed_as="torchscript:<path>")
+def _create(
+    path: str,
+    *,
+    weights: Any = None,
+    allow_random: bool = False,
+    input_px: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> TorchScriptEncoder:
+    return load_torchscript_encoder(path, input_px=input_px, mean=mean, std=std)
 
 
 def load_torchscript_encoder(

@@ -33,12 +33,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ._registry import register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
 
 __all__ = [
@@ -455,19 +457,13 @@ def load_vit_weights(model: VisionTransformer, path: str | os.PathLike[str]) -> 
 
 
 class ViTPatchEncoder(PatchEncoder):
-    """Normalisation + resize to ``input_px`` + :class:`VisionTransformer`."""
+    """:class:`VisionTransformer` behind the base class's normalisation and resize."""
 
     def __init__(self, vit: nn.Module, spec: PatchEncoderSpec) -> None:
         super().__init__(spec)
         self.vit = vit
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        px = self.spec.input_px
-        if x.shape[-2:] != (px, px):
-            x = F.interpolate(
-                x, size=(px, px), mode="bilinear", antialias=True, align_corners=False
-            )
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(x)
 
 
@@ -537,17 +533,13 @@ def _check_spec(spec: PatchEncoderSpec) -> None:
 
 
 class _TimmEncoder(PatchEncoder):
+    """A timm model behind the base class's normalisation and resize."""
+
     def __init__(self, model: nn.Module, spec: PatchEncoderSpec) -> None:
         super().__init__(spec)
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
-        px = self.spec.input_px
-        if x.shape[-2:] != (px, px):
-            x = F.interpolate(
-                x, size=(px, px), mode="bilinear", antialias=True, align_corners=False
-            )
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         y = self.model(x)
         return y.flatten(1) if y.ndim > 2 else y
 
@@ -629,3 +621,17 @@ def create_timm_encoder(
     )
     _check_spec(spec)
     return _TimmEncoder(model, spec)
+
+
+# --------------------------------------------------------------------------- registry
+def _create_vit(name: str, *, weights: Any = None, **kw: Any) -> ViTPatchEncoder:
+    return create_vit_encoder(name, weights, **kw)
+
+
+for _name in (*NAMED_VITS, *VIT_ARCHS):
+    register_patch_encoder(_name)(_create_vit)
+
+
+@register_patch_encoder("timm:", prefix=True, listed_as="timm:<model_name>")
+def _create_timm(model_name: str, *, weights: Any = None, **kw: Any) -> PatchEncoder:
+    return create_timm_encoder(model_name, weights, **kw)
