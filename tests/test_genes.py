@@ -13,6 +13,7 @@ from mirror_model.genes import (
     ExpressionNormalizer,
     GeneSelector,
     Preprocessing,
+    describe_scale,
     fit_preprocessing,
     read_gene_list,
 )
@@ -288,3 +289,50 @@ def test_select_genes_cli(tmp_path):
         ]
     )
     assert rc == 2
+
+
+# ---------------------------------------------------------------------------- missing values, scale
+
+
+def test_median_policy_fills_with_training_medians_only(tmp_path):
+    from mirror_model.expression import read_expression
+
+    p = tmp_path / "e.csv"
+    p.write_text(
+        "sample_id,G1,G2,G3\nP1,1.5,NA,5.5\nP2,3.5,2.5,6.5\nP3,NA,4.5,7.5\nP4,5.5,6.5,8.5\n"
+        "T1,NA,NA,9.5\n"
+    )
+    t = read_expression(p, nan_policy="median")
+    pp = fit_preprocessing(t, ["P1", "P2", "P3", "P4"], None, select=False)
+    # medians of the training patients (P1..P4), never of T1
+    np.testing.assert_allclose(pp.fill_values, [3.5, 4.5, 7.0])
+    assert any("2 missing training values in 2 genes" in n for n in pp.selector["notes"])
+    x = pp.transform(t, patient_ids=["T1"])
+    ref = pp.normalizer.transform(np.array([[3.5, 4.5, 9.5]]))
+    np.testing.assert_allclose(x, ref)
+    back = Preprocessing.from_dict(json.loads(json.dumps(pp.to_dict())))
+    np.testing.assert_allclose(back.transform(t, patient_ids=["T1"]), ref)
+    assert back.scale == pp.scale and back.scale["kind"] == "log"
+
+
+def test_describe_scale_kinds():
+    assert describe_scale([[0, 5, 1200]])["kind"] == "counts"
+    assert describe_scale([[0.5, 80.25]])["kind"] == "linear"
+    assert describe_scale([[0.5, 12.25]])["kind"] == "log"
+    assert describe_scale([[-1.5, 2.0]])["kind"] == "centred"
+
+
+def test_input_warnings_name_scale_and_dead_genes():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(2, 12, size=(30, 4))  # log2-like training values, never 0
+    pp = fit_preprocessing(X, [f"P{i}" for i in range(30)], None, genes=list("ABCD"), select=False)
+    assert pp.input_warnings(X[:3], "table t.csv") == []
+    raw = 2.0 ** X[:1] * 50  # the same sample on a linear scale
+    (w,) = pp.input_warnings(raw, "table t.csv")
+    assert "table t.csv looks like linear values" in w and "trained on log-scale values" in w
+    dead = X[:1].copy()
+    dead[0, 2] = 0
+    (w,) = pp.input_warnings(dead, "sample S")
+    assert "1 of the model's 4 genes are 0" in w and "C" in w
+    (w,) = pp.input_warnings(np.repeat(X[:1], 3, axis=0) * [[1, 1, 1, 1]] + [[0, 1, 2, 0]] * np.arange(3)[:, None], "t")
+    assert "constant across its 3 samples" in w and "A, D" in w

@@ -198,8 +198,8 @@ def test_non_finite_loss_names_step_and_term_and_keeps_checkpoint(toy, tmp_path,
     real = trainer_mod._forward_losses
     calls = {"train": 0}
 
-    def poisoned(model, features, rna, device, precision):
-        loss, terms = real(model, features, rna, device, precision)
+    def poisoned(model, batch, device, precision):
+        loss, terms = real(model, batch, device, precision)
         if model.training:
             calls["train"] += 1
             if (

@@ -21,13 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread  # the fixture is used through pytestmark
 
 
-def test_sampling_without_and_with_replacement():
+def test_sampling_never_repeats_a_tile():
     g = step_generator(1, 2, 3)
     idx = sample_tile_indices(100, 10, g)
     assert len(set(idx.tolist())) == 10 and idx.max() < 100
     idx = sample_tile_indices(5, 12, step_generator(1, 2, 3))
-    assert sorted(set(idx.tolist())) == [0, 1, 2, 3, 4]  # every tile at least once
-    assert len(idx) == 12
+    assert sorted(idx.tolist()) == [0, 1, 2, 3, 4]  # a small bag: each tile exactly once
     a = sample_tile_indices(50, 7, step_generator(9, 1))
     b = sample_tile_indices(50, 7, step_generator(9, 1))
     c = sample_tile_indices(50, 7, step_generator(9, 2))
@@ -104,3 +103,28 @@ def test_missing_and_inconsistent_feature_files_are_listed(tmp_path):
     store = FeatureStore(find_feature_files(tmp_path, ["x", "y"]))
     with pytest.raises(FeatureFileError, match="y \\(y.h5\\) has 8"):
         store.check_consistent(["x", "x", "y"])
+
+
+def test_small_bags_are_padded_and_masked_not_repeated(tmp_path):
+    """Slides of 6+3 and 40 tiles with tiles_per_slide=16: patient 1 gets its 9 tiles once
+    each, patient 2 16 of its 40; the batch is 16 long and the mask marks the real tiles."""
+    bags = _bags(tmp_path)
+    batch = BatchLoader(bags, 2, 16, seed=3, train=True).make_batch(0, 0)
+    assert batch.features.shape == (2, 16, 4)
+    by_id = dict(zip(batch.patient_ids, range(2), strict=True))
+    m1, m2 = batch.tile_mask[by_id["p1"]], batch.tile_mask[by_id["p2"]]
+    assert int(m1.sum()) == 9 and bool(m1[:9].all()) and int(m2.sum()) == 16
+    real = batch.features[by_id["p1"]][m1]
+    assert len({(int(r[0]), int(r[1])) for r in real}) == 9  # no tile twice
+    assert torch.count_nonzero(batch.features[by_id["p1"]][~m1]) == 0
+    # a batch of small bags is only as long as its longest bag
+    small = PatientBags(["p1"], {"p1": ["b"]}, np.zeros((1, 3), np.float32), bags.store)
+    b = BatchLoader(small, 1, 2048, seed=0).make_batch(0, 0)
+    assert b.features.shape == (1, 3, 4) and b.tile_mask is None
+
+
+def test_expression_only_bags_give_rna_batches(tmp_path):
+    bags = PatientBags(["p1", "p2", "p3"], {}, np.arange(9, dtype=np.float32).reshape(3, 3), None)
+    batch = BatchLoader(bags, 2, 16, seed=0, train=False).make_batch(0, 1)
+    assert batch.features is None and batch.patient_ids == ["p3"]
+    assert torch.equal(batch.rna, torch.tensor([[6.0, 7.0, 8.0]]))

@@ -30,8 +30,10 @@ __all__ = [
     "ExpressionNormalizer",
     "GeneSelector",
     "Preprocessing",
+    "describe_scale",
     "fit_preprocessing",
     "read_gene_list",
+    "scale_warnings",
 ]
 
 FORMAT_VERSION = 1
@@ -56,6 +58,75 @@ def _check_finite(X: np.ndarray, genes: Sequence[str] | None, what: str) -> None
             f"The {what} has {int(bad.sum())} missing or infinite values (first: sample row "
             f"{i + 1}, gene {g}). Fill or remove them before normalising."
         )
+
+
+# ---------------------------------------------------------------------------- scale
+
+
+def describe_scale(X: Any) -> dict[str, Any]:
+    """What scale raw expression values are on, from their finite values.
+
+    ``kind``: ``"centred"`` (negative values: log-ratios, z-scores), ``"counts"``
+    (non-negative integers above 1), ``"linear"`` (non-negative, values above 50:
+    FPKM/TPM), or ``"log"`` (non-negative, at most 50: log2 TPM, log-intensities). Also
+    ``min``, ``max``, ``median`` and ``integer``.
+    """
+    v = np.asarray(X, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"kind": "unknown", "min": None, "max": None, "median": None, "integer": False}
+    lo, hi, med = float(v.min()), float(v.max()), float(np.median(v))
+    integer = bool(np.all(v == np.round(v)))
+    if lo < 0:
+        kind = "centred"
+    elif integer and hi > 1:
+        kind = "counts"
+    elif hi > 50:
+        kind = "linear"
+    else:
+        kind = "log"
+    return {"kind": kind, "min": lo, "max": hi, "median": med, "integer": integer}
+
+
+_KIND_WORDS = {
+    "centred": "centred / log-ratio values (with negatives)",
+    "counts": "raw counts (non-negative integers)",
+    "linear": "linear values (FPKM/TPM-like, up to thousands)",
+    "log": "log-scale values (non-negative, at most 50)",
+}
+
+
+def scale_warnings(X: Any, trained: Mapping[str, Any] | None, what: str) -> list[str]:
+    """Warnings when ``X`` (raw values of the model's genes) is not on the training scale.
+
+    ``trained`` is :func:`describe_scale` of the training patients' values of the same genes
+    (stored in the model's preprocessing). A different kind (log vs linear/counts, centred vs
+    non-negative) or a median / spread a factor of 4 away from training is reported.
+    """
+    if not trained or trained.get("kind") in (None, "unknown"):
+        return []
+    now = describe_scale(X)
+    if now["kind"] == "unknown":
+        return []
+    out: list[str] = []
+    linearish = {"counts", "linear"}
+    tk, nk = trained["kind"], now["kind"]
+    if (tk in linearish) != (nk in linearish) or (tk == "centred") != (nk == "centred"):
+        out.append(
+            f"{what} looks like {_KIND_WORDS[nk]} (values {now['min']:.3g} to {now['max']:.3g}) "
+            f"but the model was trained on {_KIND_WORDS[tk]} (values {trained['min']:.3g} to "
+            f"{trained['max']:.3g}); its predictions are meaningless unless the table is "
+            "transformed the same way as the training data."
+        )
+    elif tk != "centred" and trained.get("median") and now["median"] is not None:
+        ratio = (now["median"] + 1e-9) / (float(trained["median"]) + 1e-9)
+        if ratio > 4 or ratio < 0.25:
+            out.append(
+                f"{what} has a median of {now['median']:.3g} over the model's genes, but the "
+                f"training patients had {float(trained['median']):.3g}: probably another scale "
+                "or normalisation (e.g. log10 vs log2, other units); predictions may be off."
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------- normaliser
@@ -580,12 +651,59 @@ class Preprocessing:
 
     ``transform`` maps raw expression (an :class:`~mirror_model.expression.ExpressionTable` or
     a matrix with its gene names) to the model's normalised input [n_samples, len(genes)].
+
+    ``fill_values`` [n_genes]: each gene's median over the training patients (raw scale):
+    missing values (``nan_policy="median"``) are filled with them, in training and at
+    inference alike. ``scale``: :func:`describe_scale` of the training values of these genes;
+    ``gene_min`` [n_genes]: each gene's smallest training value (a model gene that is 0 in an
+    input but never was in training is reported by :meth:`input_warnings`).
     """
 
     genes: list[str]
     normalizer: ExpressionNormalizer
     selector: dict = field(default_factory=dict)
     train_patient_ids: list[str] = field(default_factory=list)
+    fill_values: np.ndarray | None = None
+    scale: dict = field(default_factory=dict)
+    gene_min: np.ndarray | None = None
+
+    def fill_missing(self, X: np.ndarray) -> tuple[np.ndarray, int]:
+        """``X`` [n, n_genes] (model gene order) with NaN replaced by the training medians;
+        returns (filled copy, number of cells filled). Without stored medians NaN stay."""
+        X = np.array(X, dtype=np.float64)
+        nan = np.isnan(X)
+        n = int(nan.sum())
+        if n and self.fill_values is not None:
+            X[nan] = np.broadcast_to(self.fill_values, X.shape)[nan]
+        return X, n if self.fill_values is not None else 0
+
+    def input_warnings(self, X: Any, what: str) -> list[str]:
+        """Plain-language warnings about raw model-gene values ``X`` [n, n_genes] (model gene
+        order): another scale than training, model genes 0 that never were in training, and
+        (with several samples) model genes constant across them."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        out = scale_warnings(X, self.scale, what)
+        if self.gene_min is not None and X.shape[1] == len(self.gene_min):
+            zero = np.all(X == 0, axis=0) & (self.gene_min > 0)
+            if zero.any():
+                names = [g for g, z in zip(self.genes, zero, strict=True) if z]
+                out.append(
+                    f"{what}: {len(names)} of the model's {len(self.genes)} genes are 0 "
+                    f"but never were among the training patients: {', '.join(names[:_MAX_LISTED])}"
+                    + (" ..." if len(names) > _MAX_LISTED else "")
+                    + " (absent from the assay or renamed?); their input is off-distribution."
+                )
+        if X.shape[0] > 1:
+            const = np.nanstd(X, axis=0) == 0
+            if const.any():
+                names = [g for g, c in zip(self.genes, const, strict=True) if c]
+                out.append(
+                    f"{what}: {len(names)} of the model's genes are constant across its "
+                    f"{X.shape[0]} samples: {', '.join(names[:_MAX_LISTED])}"
+                    + (" ..." if len(names) > _MAX_LISTED else "")
+                    + "."
+                )
+        return out
 
     @property
     def n_genes(self) -> int:
@@ -627,6 +745,7 @@ class Preprocessing:
                     f"Expression matrix has {X.shape[1]} columns but the model uses "
                     f"{len(self.genes)} genes; pass the column names (genes=...)."
                 )
+        X, _ = self.fill_missing(X)  # nan_policy="median": the training medians
         return self.normalizer.transform(X)
 
     def to_dict(self) -> dict:
@@ -637,6 +756,9 @@ class Preprocessing:
             "normalizer": self.normalizer.to_dict(),
             "selector": dict(self.selector),
             "train_patient_ids": list(self.train_patient_ids),
+            "fill_values": None if self.fill_values is None else [float(v) for v in self.fill_values],
+            "scale": dict(self.scale),
+            "gene_min": None if self.gene_min is None else [float(v) for v in self.gene_min],
         }
 
     @classmethod
@@ -658,11 +780,21 @@ class Preprocessing:
                 f"malformed preprocessing record: {len(genes)} genes but "
                 f"normalisation statistics for {norm.n_genes}."
             )
+        extra: dict[str, Any] = {}
+        for key in ("fill_values", "gene_min"):
+            v = d.get(key)
+            if v is not None:
+                arr = np.asarray(v, dtype=np.float64).ravel()
+                if arr.shape != (len(genes),) or not np.all(np.isfinite(arr)):
+                    raise ConfigError(f"malformed preprocessing record: bad {key}.")
+                extra[key] = arr
         return cls(
             genes=genes,
             normalizer=norm,
             selector=dict(d.get("selector", {})),
             train_patient_ids=[str(p) for p in d.get("train_patient_ids", [])],
+            scale=dict(d.get("scale") or {}),
+            **extra,
         )
 
 
@@ -724,6 +856,23 @@ def fit_preprocessing(
     else:
         y = None
 
+    # missing values (nan_policy="median"): each gene's median over these training patients
+    nan = np.isnan(X)
+    fill_notes: list[str] = []
+    if nan.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN genes: median NaN
+            med = np.nanmedian(X, axis=0)
+        empty = np.isnan(med)
+        med[empty] = 0.0  # no training value at all: constant after filling, never selected
+        X = np.where(nan, med[None, :], X)
+        fill_notes.append(
+            f"{int(nan.sum())} missing training values in {int(nan.any(axis=0).sum())} genes "
+            "were filled with each gene's median over the training patients"
+            + (f"; {int(empty.sum())} genes had no training value at all" if empty.any() else "")
+        )
+    else:
+        med = np.median(X, axis=0)
     probe = ExpressionNormalizer(log1p=log1p).fit(X, all_genes)
     X_log = np.log1p(X) if probe.log1p_ else X
     if select:
@@ -735,16 +884,33 @@ def fit_preprocessing(
     else:
         const = X_log.var(axis=0) <= 1e-12
         chosen = [g for g, c in zip(all_genes, const, strict=True) if not c]
+        dropped = [g for g, c in zip(all_genes, const, strict=True) if c]
         summary = {
             "type": "GeneSelector",
             "method": "all-genes",
             "genes": chosen,
-            "dropped_constant": [g for g, c in zip(all_genes, const, strict=True) if c],
+            "dropped_constant": dropped,
+            "notes": [
+                f"{len(dropped)} genes constant in the training patients (e.g. all 0) were "
+                f"dropped: {', '.join(dropped[:_MAX_LISTED])}" + (" ..." if len(dropped) > _MAX_LISTED else "")
+            ]
+            if dropped
+            else [],
         }
     index = {g: i for i, g in enumerate(all_genes)}
-    norm = probe.subset([index[g] for g in chosen])
+    cols = [index[g] for g in chosen]
+    norm = probe.subset(cols)
+    if fill_notes:
+        summary.setdefault("notes", [])
+        summary["notes"] = [*fill_notes, *summary["notes"]]
     return Preprocessing(
-        genes=list(chosen), normalizer=norm, selector=summary, train_patient_ids=pids
+        genes=list(chosen),
+        normalizer=norm,
+        selector=summary,
+        train_patient_ids=pids,
+        fill_values=med[cols].astype(np.float64),
+        scale=describe_scale(X[:, cols]),
+        gene_min=X[:, cols].min(axis=0).astype(np.float64),
     )
 
 

@@ -408,6 +408,7 @@ def predict(
     patch_encoder_weights: str | os.PathLike[str] | None = None,
     batch_size: int = 64,
     num_workers: int = 2,
+    nan_policy: str = "error",
 ) -> Prediction:
     """Run a model bundle on one patient's slide and/or expression profile.
 
@@ -440,6 +441,9 @@ def predict(
         Weights file of the bundle's patch encoder when it needs one (e.g. UNI); the
         embedded ``stain-texture`` encoder needs none.
     batch_size, num_workers : tiles per encoder batch; tile-reading threads.
+    nan_policy : missing expression values: ``"error"`` (default), ``"median"`` (the
+        bundle's training medians), ``"zero"`` or ``"drop-genes"`` (see
+        :func:`~mirror_model.expression.read_expression`).
 
     Returns
     -------
@@ -484,7 +488,7 @@ def predict(
     if have_rna:
         slide_like = slide_path if slide_path is not None else features_path
         x_rna = _expression_stage(
-            run, pred, expression_path, expression_values, sample_id, slide_like
+            run, pred, expression_path, expression_values, sample_id, slide_like, nan_policy
         )
     slide: SlideFeatures | None = None
     if have_slide:
@@ -591,15 +595,18 @@ def _expression_stage(
     expression_values: Any,
     sample_id: str | None,
     slide_like: Any,
+    nan_policy: str = "error",
 ) -> np.ndarray:
-    """The normalised expression vector; sets ``pred.sample_id`` / ``sample_match``."""
+    """The normalised expression vector; sets ``pred.sample_id`` / ``sample_match`` and adds
+    the input's scale / missing-value / dead-gene warnings to ``pred.warnings``."""
     check_cancel(run.should_stop, "prediction")
     report(run.progress, 0, 1, "reading expression")
     with run.timer.stage("expression"):
-        x_rna, sid, how = _expression_vector(
-            run.bundle, expression_path, expression_values, sample_id, slide_like
+        x_rna, sid, how, notes = _expression_vector(
+            run.bundle, expression_path, expression_values, sample_id, slide_like, nan_policy
         )
     pred.sample_id, pred.sample_match = sid, how
+    pred.warnings.extend(n for n in notes if n not in pred.warnings)
     report(run.progress, 1, 1, "reading expression")
     return x_rna
 
@@ -658,39 +665,53 @@ def _expression_vector(
     expression_values: Any,
     sample_id: str | None,
     slide_like: Any,
-) -> tuple[np.ndarray, str | None, str]:
-    """Normalised expression vector [G] in the bundle's gene order, its sample ID and how
-    the row was chosen."""
+    nan_policy: str = "error",
+) -> tuple[np.ndarray, str | None, str, list[str]]:
+    """Normalised expression vector [G] in the bundle's gene order, its sample ID, how the
+    row was chosen, and warnings about the input (scale, missing values, dead genes)."""
     genes = bundle.genes
+    pp = bundle.preprocessing
     table = None
+    notes: list[str] = []
     if expression_path is not None:
         from .expression import read_expression
 
-        table = read_expression(expression_path)
+        table = read_expression(expression_path, nan_policy=nan_policy)  # type: ignore[arg-type]
     elif hasattr(expression_values, "sample_ids") and hasattr(expression_values, "align_genes"):
         table = expression_values
     if table is not None:
         sid, how = _choose_row(table, sample_id, slide_like)
         row = int(table.rows_for([sid])[0]) if how != "only row" else 0
-        raw = np.asarray(table.align_genes(genes)[row], dtype=np.float32)
+        model_cols = table.align_genes(genes)
+        raw = np.asarray(model_cols[row], dtype=np.float32)
         sid = table.sample_ids[row]
+        where = f"expression table {table.path}" if table.path is not None else "expression table"
+        notes.extend(pp.input_warnings(model_cols, where))
+        notes.extend(w for w in table.warnings if "missing values" in w)
     else:
         raw, sid, how = _vector_from_values(expression_values, genes, sample_id)
-    if not np.all(np.isfinite(raw)):
-        bad = [g for g, v in zip(genes, raw, strict=True) if not np.isfinite(v)]
-        raise ExpressionError(
-            f"expression of sample {sid!r} has missing or non-finite values for "
-            f"{len(bad)} of the model's genes: {', '.join(bad[:10])}"
-            f"{', …' if len(bad) > 10 else ''}."
+        notes.extend(pp.input_warnings(raw[None, :], f"expression of sample {sid or 'given'}"))
+    missing = ~np.isfinite(raw)
+    if missing.any():
+        bad = [g for g, v in zip(genes, missing, strict=True) if v]
+        if nan_policy != "median" or pp.fill_values is None or np.isinf(raw).any():
+            raise ExpressionError(
+                f"expression of sample {sid!r} has missing or non-finite values for "
+                f"{len(bad)} of the model's genes: {', '.join(bad[:10])}"
+                f"{', …' if len(bad) > 10 else ''}. Fill them, or use --nan-policy median "
+                "(nan_policy='median': the model's training medians)."
+            )
+        notes.append(
+            f"{len(bad)} of the model's genes are missing for sample {sid}: filled with the "
+            f"training patients' medians ({', '.join(bad[:10])}{' …' if len(bad) > 10 else ''})."
         )
-    pp = bundle.preprocessing
     x = np.asarray(pp.transform(raw[None, :], genes), dtype=np.float32)[0]
     if x.shape != (len(genes),) or not np.all(np.isfinite(x)):
         raise ExpressionError(
             f"expression of sample {sid!r} could not be normalised with the bundle's statistics "
             "(non-finite result); check the table's scale (raw counts vs log values)."
         )
-    return x, sid, how
+    return x, sid, how, notes
 
 
 def _choose_row(table: Any, sample_id: str | None, slide_like: Any) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["PRECISIONS", "add_device_option", "add_precision_option"]
+__all__ = ["PRECISIONS", "add_device_option", "add_nan_policy_option", "add_precision_option"]
 
 #: Accepted ``--precision`` values (``auto`` resolves to bf16 or fp32 per device).
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -59,4 +59,23 @@ def add_precision_option(
         choices=list(PRECISIONS),
         help=f"{what}auto = bf16 where the hardware is fast at it, else fp32 "
         f"(default {_default_text(default)})",
+    )
+
+
+def add_nan_policy_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = "error"
+) -> None:
+    """``--nan-policy`` for every command that reads an expression table
+    (:data:`mirror_model.expression.NAN_POLICIES`); ``default=None`` = the run's own."""
+    from ..expression import NAN_POLICIES
+
+    parser.add_argument(
+        "--nan-policy",
+        default=default,
+        choices=list(NAN_POLICIES),
+        help="missing expression values: error (name them), median (each gene's median over "
+        "the training patients; stored with the model for prediction), drop-genes, or zero "
+        "(an extreme value on a log scale) (default "
+        + ("the run's own, else error" if default is None else default)
+        + ")",
     )

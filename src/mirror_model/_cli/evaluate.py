@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._options import add_device_option, add_precision_option
+from ._options import add_device_option, add_nan_policy_option, add_precision_option
 
 
 def _c_value(text: str) -> float | str:
@@ -54,6 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     raw.add_argument(
         "--expression", default=None, help="expression table for --raw-inputs without a RUN"
     )
+    add_nan_policy_option(raw, default=None)
     raw.add_argument(
         "--features", default=None, help="feature folder for --raw-inputs without a RUN"
     )
@@ -229,12 +230,15 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             from ..evaluation.raw import RAW_NAME, evaluate_raw
+            from ..expression import read_expression
 
             res = evaluate_raw(
                 None,
                 settings,
                 cohort=args.cohort,
-                expression=args.expression if args.expression is not None else False,
+                expression=read_expression(args.expression, nan_policy=args.nan_policy or "error")
+                if args.expression is not None
+                else False,
                 features_dir=args.features if args.features is not None else False,
                 folds=args.folds,
                 seed=args.split_seed,

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from ._options import add_device_option, add_precision_option
+from ._options import add_device_option, add_nan_policy_option, add_precision_option
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="level-0 µm/px when the slide file does not record it",
     )
+    add_nan_policy_option(parser)
     add_device_option(parser)
     add_precision_option(parser)
     parser.add_argument(
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             progress=bar,
             patch_encoder_weights=args.encoder_weights,
             batch_size=args.batch_size,
+            nan_policy=args.nan_policy,
         )
     print(_summary(pred))
     if args.out:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._options import add_device_option, add_precision_option
+from ._options import add_device_option, add_nan_policy_option, add_precision_option
 
 # flag dest -> TrainConfig field
 _FLAG_FIELDS = {
@@ -44,7 +44,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--cohort", required=True, help="cohort table (CSV: patient_id, slide_id, slide_path, ...)"
     )
     parser.add_argument("--expression", required=True, help="expression table (CSV/TSV/parquet)")
-    parser.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    add_nan_policy_option(parser)
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="folder of <slide_id>.h5 feature files; leave out for an expression-only cohort "
+        "(the RNA encoder alone learns from RNA retention and the style prior; alignment, slide "
+        "retention and cluster agreement need slides)",
+    )
     parser.add_argument(
         "--out", required=True, help="run folder to create (or continue with --resume)"
     )
@@ -175,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             model_overrides=model,
             resume=args.resume,
             progress_bar=show,
+            nan_policy=args.nan_policy,
+            log=lambda msg: print(f"mirror-train pretrain: {msg}", file=sys.stderr, flush=True),
         )
     except Cancelled as exc:
         print(f"mirror-train pretrain: {exc}", file=sys.stderr)

@@ -89,6 +89,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="override the detected table orientation",
     )
+    from ._options import add_nan_policy_option
+
+    add_nan_policy_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train.splits import Splits, make_splits
 
     cohort = read_cohort(args.cohort)
-    table = read_expression(args.expression, orientation=args.orientation)
+    table = read_expression(
+        args.expression, orientation=args.orientation, nan_policy=args.nan_policy
+    )
     print(table.describe())
     patients = cohort.patients()
     pids = patients["patient_id"].tolist()

@@ -96,14 +96,21 @@ class Bundle:
         return str(self.document["patch_encoder"]["name"])
 
     @property
-    def target_mpp(self) -> float:
-        """Resolution of the tiles, µm per pixel."""
-        return float(self.document["tiling"]["target_mpp"])
+    def target_mpp(self) -> float | None:
+        """Resolution of the tiles, µm per pixel (None: an expression-only model)."""
+        v = self.document["tiling"].get("target_mpp")
+        return None if v is None else float(v)
 
     @property
-    def tile_px(self) -> int:
-        """Tile edge in pixels at :attr:`target_mpp`."""
-        return int(self.document["tiling"]["tile_px"])
+    def tile_px(self) -> int | None:
+        """Tile edge in pixels at :attr:`target_mpp` (None: an expression-only model)."""
+        v = self.document["tiling"].get("tile_px")
+        return None if v is None else int(v)
+
+    @property
+    def expression_only(self) -> bool:
+        """True for a model pretrained without slides: it predicts from expression only."""
+        return bool(self.patch_encoder.get("expression_only"))
 
     @property
     def input_kinds(self) -> tuple[str, ...]:
@@ -320,7 +327,10 @@ class Bundle:
             else "  sha256        (not saved)",
             f"  model         preset {self.preset!r}, embed_dim {cfg.get('embed_dim', '?')}, "
             f"{self.document['model'].get('n_parameters', '?')} parameters",
-            f"  patch encoder {self.patch_encoder_name} (dim {self.patch_encoder.get('dim', '?')}), "
+            "  patch encoder none: an expression-only model (pretrained without slides)"
+            if self.expression_only
+            else f"  patch encoder {self.patch_encoder_name} "
+            f"(dim {self.patch_encoder.get('dim', '?')}), "
             f"tiles {self.tile_px} px at {self.target_mpp:g} µm/px",
             f"  genes         {len(self.genes)}"
             + (

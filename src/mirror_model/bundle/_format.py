@@ -81,8 +81,8 @@ def build_document(
     config: Any,
     preset: str,
     patch_encoder: Mapping[str, Any],
-    target_mpp: float,
-    tile_px: int,
+    target_mpp: float | None,
+    tile_px: int | None,
     class_names: list[str],
     heads: Mapping[str, Mapping[str, Any]],
     genes: list[str] | None = None,
@@ -128,7 +128,11 @@ def build_document(
         "genes": list(genes or []),
         "preprocessing": pp,
         "patch_encoder": dict(patch_encoder),
-        "tiling": {"target_mpp": float(target_mpp), "tile_px": int(tile_px)},
+        # None for an expression-only model (no slide encoder was trained)
+        "tiling": {
+            "target_mpp": None if target_mpp is None else float(target_mpp),
+            "tile_px": None if tile_px is None else int(tile_px),
+        },
         "class_names": [str(c) for c in class_names],
         "heads": heads_d,
         "risk": dict(risk or {}),

@@ -333,7 +333,7 @@ def export_bundle(
     device : where to embed the patients.
     seed : seed of the heads' inner cross-validation.
     """
-    from ..train.run import embed_patients, load_fold_model
+    from ..train.run import embed_patients, load_fold_model, run_is_expression_only
 
     run_path = Path(run_dir)
     run, fold = _load_fold(run_path, fold)
@@ -381,8 +381,13 @@ def export_bundle(
             counts[str(targets.labels[i])] = counts.get(str(targets.labels[i]), 0) + 1
     data = run.config.get("data", {}) or {}
     enc = fm.encoder
+    expression_only = run_is_expression_only(run.config)
     attrs = {**_feature_attrs(data.get("features_dir")), **dict(enc.get("attrs") or {})}
-    spec = _encoder_spec(enc)
+    spec = (
+        {"name": "none", "dim": int(enc.get("dim") or 1), "expression_only": True}
+        if expression_only
+        else _encoder_spec(enc)
+    )
     training = {
         "run": str(run_path.resolve()),
         "fold": fold,
@@ -397,7 +402,11 @@ def export_bundle(
         "training_config": run.config.get("training", {}),
         "preset": run.preset,
     }
-    tiling = _tiling(run_path, enc, attrs)
+    tiling = (
+        {"target_mpp": None, "tile_px": None}
+        if expression_only
+        else _tiling(run_path, enc, attrs)
+    )
     doc = build_document(
         config=fm.model_config,
         preset=run.preset or getattr(fm.model_config, "name", "custom"),

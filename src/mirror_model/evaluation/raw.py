@@ -202,7 +202,12 @@ def evaluate_raw(
 
     expr = None
     if expression is not False:
-        expr = expression if hasattr(expression, "rows_for") else read_expression(expression)
+        expr = (
+            expression
+            if hasattr(expression, "rows_for")
+            # a run's table is read as the run read it (its missing-value policy)
+            else read_expression(expression, nan_policy=data.get("expression_nan_policy") or "error")
+        )
         notes.append(
             "raw inputs: rna = "
             + (

@@ -440,6 +440,57 @@ class MirrorModel(nn.Module):
         out.loss = total
         return out
 
+    #: The loss terms an expression-only cohort can train (no slide: no alignment, no slide
+    #: retention, no cross-modal cluster agreement).
+    RNA_ONLY_LOSSES: tuple[str, ...] = ("ret_rna", "style")
+
+    def rna_only_losses(self) -> list[str]:
+        """The active terms of this model that :meth:`forward_rna` computes."""
+        cfg = self.config
+        return [n for n in self.RNA_ONLY_LOSSES if cfg.loss_weights.get(n, 0.0) > 0]
+
+    def forward_rna(self, rna: Tensor, generator: torch.Generator | None = None) -> MirrorOutput:
+        """Pretraining forward pass without slides (expression-only cohorts).
+
+        Computes the terms that need no slide: RNA retention (``ret_rna``, masked latent
+        reconstruction of the RNA embedding) and the RNA half of the style prior (``style``,
+        KL of the RNA style latent to N(0, I)). ``align``, ``ret_slide`` and ``cluster`` pair
+        or use slides and are absent. Raises ConfigError when the model has none of the two.
+        """
+        from ..errors import ConfigError
+
+        cfg = self.config
+        active = self.rna_only_losses()
+        if not active:
+            raise ConfigError(
+                "this model has no loss that works without slides (it needs weight_ret_rna > 0 "
+                "or weight_style > 0); use the mirror or mirror-no-clustering preset for an "
+                "expression-only cohort."
+            )
+        rna = check_rna(rna, cfg.n_genes, self._param_device())
+        rna_in = rna.to(self._param_dtype()) if not torch.is_autocast_enabled() else rna
+        rna_emb = self.rna_encoder(rna_in)
+        losses: dict[str, Tensor] = {}
+        out = MirrorOutput(
+            loss=rna_emb.new_zeros((), dtype=torch.float32),
+            losses=losses,
+            slide_embedding=None,
+            rna_embedding=rna_emb,
+            attention=None,
+        )
+        if "ret_rna" in active and self.rna_retention is not None:
+            ret = self.rna_retention(
+                rna_emb, stop_gradient=cfg.retention_stop_gradient, generator=generator
+            )
+            losses["ret_rna"] = retention_loss(ret.pred, ret.target, ret.mask)
+            out.rna_retention_mask = ret.mask
+        if "style" in active and self.style is not None:
+            out.rna_style = self.style(rna_emb)
+            losses["style"] = gaussian_kl(out.rna_style.mu, out.rna_style.logvar)
+        weights = cfg.loss_weights
+        out.loss = sum((weights[n] * v.float() for n, v in losses.items()), out.loss)
+        return out
+
     # ------------------------------------------------------------------ helpers
     def _project(self, embedding: Tensor, head: nn.Linear | None) -> Tensor:
         if head is None:

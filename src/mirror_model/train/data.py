@@ -7,10 +7,15 @@ background loading threads and a multi-process run (each rank assembling only it
 see exactly the same tiles.
 
 Tile sampling (per patient and step): ``tiles_per_slide`` tiles without replacement when the
-bag has at least that many; otherwise every tile once plus draws with replacement to fill up
-(in shuffled order). Patients with several slides: ``multi_slide="pool"`` (default) samples
-from the union of all their slides' tiles, so a patient's bag reflects all of its tissue;
-``"one"`` picks one slide per step (seeded) and samples from it.
+bag has at least that many; otherwise every tile once, in shuffled order — never a tile twice.
+A batch is padded to its longest bag and ``Batch.tile_mask`` marks the real tiles (the
+encoders ignore the padding), so a cohort of 80-tile slides costs 80 tiles per patient per
+step, not ``tiles_per_slide``. Patients with several slides: ``multi_slide="pool"`` (default)
+samples from the union of all their slides' tiles, so a patient's bag reflects all of its
+tissue; ``"one"`` picks one slide per step (seeded) and samples from it.
+
+Expression-only cohorts: :class:`PatientBags` without a feature store; batches then carry
+``features = None`` (the trainer calls the model's RNA-only forward).
 
 Caching: ``feature_cache="memory"`` keeps each slide's ``[N, D]`` features in RAM after the
 first read (float32 or bfloat16); ``"lazy"`` reads only the sampled rows from the HDF5 file
@@ -283,14 +288,10 @@ def step_generator(seed: int, *parts: int) -> torch.Generator:
 
 
 def sample_tile_indices(n_tiles: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """``k`` tile indices in ``[0, n_tiles)``: without replacement if possible, else all + fill-up draws."""
+    """``min(k, n_tiles)`` distinct tile indices in ``[0, n_tiles)``, in random order."""
     if n_tiles <= 0:
         raise ValueError("cannot sample from an empty bag")
-    if n_tiles >= k:
-        return torch.randperm(n_tiles, generator=generator)[:k]
-    extra = torch.randint(n_tiles, (k - n_tiles,), generator=generator)
-    idx = torch.cat([torch.arange(n_tiles), extra])
-    return idx[torch.randperm(k, generator=generator)]
+    return torch.randperm(n_tiles, generator=generator)[:k]
 
 
 @dataclass
@@ -298,9 +299,10 @@ class Batch:
     """One shard of a global batch."""
 
     patient_ids: list[str]
-    features: torch.Tensor  # [b, T, D] float32
+    features: torch.Tensor | None  # [b, T, D] float32 (None: expression-only cohort)
     rna: torch.Tensor  # [b, G] float32
     global_size: int  # patients in the whole global batch (all ranks)
+    tile_mask: torch.Tensor | None = None  # [b, T] bool, True = real tile (None: all real)
 
 
 class PatientBags:
@@ -311,7 +313,7 @@ class PatientBags:
     patient_ids : sequence of str
     slides : mapping patient -> list of slide ids (at least one each)
     rna : float32 array ``[P, G]`` aligned with ``patient_ids``
-    store : FeatureStore
+    store : FeatureStore, or None for an expression-only cohort
     """
 
     def __init__(
@@ -319,10 +321,10 @@ class PatientBags:
         patient_ids: Sequence[str],
         slides: Mapping[str, Sequence[str]],
         rna: np.ndarray,
-        store: FeatureStore,
+        store: FeatureStore | None,
     ) -> None:
         self.patient_ids = [str(p) for p in patient_ids]
-        self.slides = {p: list(slides[p]) for p in self.patient_ids}
+        self.slides = {p: list(slides.get(p, [])) for p in self.patient_ids}
         self.rna = torch.as_tensor(np.asarray(rna, dtype=np.float32))
         if self.rna.shape[0] != len(self.patient_ids):
             raise ValueError("rna rows must align with patient_ids")
@@ -334,7 +336,8 @@ class PatientBags:
     def bag(
         self, i: int, n_tiles: int, generator: torch.Generator, multi_slide: str = "pool"
     ) -> torch.Tensor:
-        """Sampled features ``[n_tiles, D]`` of patient ``i``."""
+        """Sampled features ``[min(n_tiles, tiles of the patient), D]`` of patient ``i``."""
+        assert self.store is not None, "an expression-only cohort has no tiles"
         sids = self.slides[self.patient_ids[i]]
         if multi_slide == "one" and len(sids) > 1:
             j = int(torch.randint(len(sids), (1,), generator=generator))
@@ -346,7 +349,7 @@ class PatientBags:
         # map pooled indices back to (slide, row) and keep the sampled order
         bounds = torch.tensor(np.cumsum([0, *counts]), dtype=torch.int64)
         which = torch.bucketize(idx, bounds[1:], right=True)
-        out = torch.empty(n_tiles, self.store.info(sids[0]).dim, dtype=torch.float32)
+        out = torch.empty(idx.numel(), self.store.info(sids[0]).dim, dtype=torch.float32)
         for j, s in enumerate(sids):
             m = which == j
             if bool(m.any()):
@@ -426,15 +429,24 @@ class BatchLoader:
         feats, ids = [], []
         for pos in mine:
             i = members[pos]
-            g = step_generator(self.seed, stream, ep, step, pos)
-            feats.append(self.bags.bag(i, self.tiles, g, self.multi_slide))
             ids.append(self.bags.patient_ids[i])
-        if feats:
-            x = torch.stack(feats)
-        else:
-            x = torch.empty(0, self.tiles, 0)
+            if self.bags.store is not None:
+                g = step_generator(self.seed, stream, ep, step, pos)
+                feats.append(self.bags.bag(i, self.tiles, g, self.multi_slide))
         sel = torch.tensor([members[p] for p in mine], dtype=torch.int64)
-        return Batch(ids, x, self.bags.rna.index_select(0, sel), len(members))
+        rna = self.bags.rna.index_select(0, sel)
+        if self.bags.store is None:
+            return Batch(ids, None, rna, len(members))
+        if not feats:
+            return Batch(ids, torch.empty(0, self.tiles, 0), rna, len(members))
+        # pad to the longest bag of the batch; the mask keeps padding out of the encoders
+        longest = max(f.shape[0] for f in feats)
+        x = feats[0].new_zeros(len(feats), longest, feats[0].shape[1])
+        mask = torch.zeros(len(feats), longest, dtype=torch.bool)
+        for b, f in enumerate(feats):
+            x[b, : f.shape[0]] = f
+            mask[b, : f.shape[0]] = True
+        return Batch(ids, x, rna, len(members), None if bool(mask.all()) else mask)
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Batch]]:
         """Yield ``(step, batch)`` for ``start_step .. steps_per_epoch-1`` (prefetching if num_workers>0)."""

@@ -9,7 +9,11 @@ Layout (``RUN`` = the ``--out`` folder)::
                                                                are set from the data; see fold_k/model.json)
                              model_overrides: dict
                              training: dict                    TrainConfig.to_dict()
-                             data: {cohort, expression, features_dir}   absolute paths (None if in memory)
+                             data: {cohort, expression, features_dir}   absolute paths (None if in memory;
+                                                               features_dir None: expression-only run)
+                                   expression_nan_policy         how missing expression values were read
+                             modalities: ["slide", "rna"] or ["rna"] (expression-only run)
+                             losses: {used: [...], unavailable: [...]}  (unavailable: need slides)
                              seed: int, world_size: int, precision: "fp32"|"bf16"
                              package: {mirror_model, git, torch}        versions
     RUN/splits.json        {"folds": [{"fold": k, "train": [patient ids], "val": [...], "test": [...]}],
@@ -62,6 +66,8 @@ from .splits import Splits
 
 __all__ = [
     "CONFIG_FILE",
+    "run_is_expression_only",
+    "run_nan_policy",
     "SPLITS_FILE",
     "Embeddings",
     "FoldModel",
@@ -136,6 +142,16 @@ class Embeddings:
     subtype: np.ndarray | None
     time: np.ndarray | None
     event: np.ndarray | None
+
+
+def run_is_expression_only(config: dict[str, Any]) -> bool:
+    """True for a run pretrained without slides (``pretrain`` without ``--features``)."""
+    return list(config.get("modalities") or ["slide", "rna"]) == ["rna"]
+
+
+def run_nan_policy(config: dict[str, Any]) -> Any:
+    """How the run read its expression table's missing values (``config.yaml``)."""
+    return (config.get("data") or {}).get("expression_nan_policy") or "error"
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunInfo:
@@ -274,7 +290,9 @@ def embed_patients(
             )
         cohort = data["cohort"]
     coh = cohort if isinstance(cohort, Cohort) else read_cohort(cohort)
-    want_slide = "slide" in modalities and features_dir is not False
+    # an expression-only run (no feature folder recorded, no slide input to its model)
+    rna_only = run_is_expression_only(run.config)
+    want_slide = "slide" in modalities and features_dir is not False and not rna_only
     want_rna = "rna" in modalities and expression is not False
     fm = load_fold_model(run_dir, fold, device)
     dev = resolve_device(device)
@@ -313,7 +331,11 @@ def embed_patients(
                     "no expression table given and config.yaml records none; pass expression=."
                 )
             expression = data["expression"]
-        expr = expression if hasattr(expression, "rows_for") else read_expression(expression)
+        expr = (
+            expression
+            if hasattr(expression, "rows_for")
+            else read_expression(expression, nan_policy=run_nan_policy(run.config))
+        )
         x = np.asarray(fm.preprocessing.transform(expr, patient_ids=ids), dtype=np.float32)
         out = []
         with torch.no_grad():

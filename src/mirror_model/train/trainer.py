@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,13 +260,21 @@ def _make_model(model_config: Any) -> torch.nn.Module:
 
 def _forward_losses(
     model: torch.nn.Module,
-    features: torch.Tensor,
-    rna: torch.Tensor,
+    batch: Any,
     device: torch.device,
     precision: str,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and terms of one batch: both modalities, or the RNA-only forward when the batch
+    has no features (expression-only cohort). Padding tiles are masked out."""
+    r = batch.rna.to(device, non_blocking=True)
     with autocast(device, precision):
-        out = model(features=features, rna=rna)
+        if batch.features is None:
+            core = model.module if hasattr(model, "module") else model
+            out = core.forward_rna(r)
+        else:
+            x = batch.features.to(device, non_blocking=True)
+            m = None if batch.tile_mask is None else batch.tile_mask.to(device, non_blocking=True)
+            out = model(features=x, rna=r, tile_mask=m)
     return out.loss.float(), {k: v.float() for k, v in out.losses.items()}
 
 
@@ -298,9 +306,7 @@ def _evaluate(
         # training RNG stream is untouched so resumed and uninterrupted runs stay identical
         torch.manual_seed(_derived_seed(seed, 4, ctx.rank))
         for _, batch in loader.iterate(0):
-            loss, terms = _forward_losses(
-                model, batch.features.to(device), batch.rna.to(device), device, precision
-            )
+            loss, terms = _forward_losses(model, batch, device, precision)
             vals = _reduce_terms(loss, terms, ctx, 1.0)
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v * batch.global_size
@@ -408,6 +414,10 @@ class FoldTrainer:
         elif ctx.is_main:
             self.log.truncate_to_epoch(0)
         self._t_start = time.perf_counter() - self.state.seconds
+        #: called once with the seconds of the second optimisation step of this trainer (the
+        #: first pays one-off set-up costs): the basis of pretrain's time estimate
+        self.on_step_time: Callable[[float], None] | None = None
+        self._timed_steps = 0
 
     # -- setup ------------------------------------------------------------------------------
     def _check_sizes(self) -> None:
@@ -523,9 +533,7 @@ class FoldTrainer:
         tcfg, state = self.config, self.state
         if hasattr(self.model, "renormalize_prototypes"):
             self.model.renormalize_prototypes()
-        x = batch.features.to(self.device, non_blocking=True)
-        r = batch.rna.to(self.device, non_blocking=True)
-        loss, terms = _forward_losses(self.model, x, r, self.device, self.precision)
+        loss, terms = _forward_losses(self.model, batch, self.device, self.precision)
         # plain mean over ranks: clip_loss scales each rank's share so that this equals the
         # single-process loss of the global batch (shards are equal in training)
         vals = _reduce_terms(loss, terms, self.ctx, 1.0)
@@ -643,7 +651,13 @@ class FoldTrainer:
                             f"pretraining of fold {k} was stopped at epoch {epoch}, step {step}; the state was "
                             f"saved to {self.ckpt_path} — run again with --resume (resume=True) to continue."
                         )
+                    t_step = time.perf_counter()
                     vals = self.step(epoch, step, batch)
+                    if self.on_step_time is not None and self._timed_steps < 2:
+                        self._timed_steps += 1
+                        if self._timed_steps == 2 or self.total_steps == 1:
+                            self.on_step_time(time.perf_counter() - t_step)
+                            self._timed_steps = 2
                     if bar is not None and (state.global_step % tcfg.log_every_steps == 0):
                         bar.set_postfix({n: f"{v:.3f}" for n, v in vals.items()}, refresh=False)
                         bar.update(tcfg.log_every_steps)
@@ -707,12 +721,16 @@ def train_fold(
 
 
 # ---------------------------------------------------------------------------------- cohort level
-def _load_inputs(cohort: Any, expression: Any) -> tuple[Any, Any]:
+def _load_inputs(cohort: Any, expression: Any, nan_policy: str = "error") -> tuple[Any, Any]:
     from ..cohort import Cohort, read_cohort
     from ..expression import read_expression
 
     coh = cohort if isinstance(cohort, Cohort) else read_cohort(cohort)
-    expr = expression if hasattr(expression, "rows_for") else read_expression(expression)
+    expr = (
+        expression
+        if hasattr(expression, "rows_for")
+        else read_expression(expression, nan_policy=nan_policy)  # type: ignore[arg-type]
+    )
     return coh, expr
 
 
@@ -767,9 +785,14 @@ def _encoder_spec(first: SlideInfo) -> dict[str, Any]:
 
 
 def prepare_fold(
-    coh: Any, expr: Any, features_dir: str | os.PathLike[str], fold: Any, tcfg: TrainConfig
+    coh: Any,
+    expr: Any,
+    features_dir: str | os.PathLike[str] | None,
+    fold: Any,
+    tcfg: TrainConfig,
 ) -> FoldData:
-    """Read and preprocess the inner-train / inner-val patients of one fold (never its test patients)."""
+    """Read and preprocess the inner-train / inner-val patients of one fold (never its test
+    patients). ``features_dir=None``: expression-only (bags without a feature store)."""
     patients_df = coh.patients()
     slides = {
         str(p): [str(s) for s in sl]
@@ -780,15 +803,12 @@ def prepare_fold(
         if "subtype" in patients_df
         else {}
     )
-    needed = [s for p in [*fold.train, *fold.val] for s in slides[p]]
-    paths = find_feature_files(features_dir, needed)
-    store = FeatureStore(
-        paths,
-        mode=tcfg.feature_cache,
-        cache_dtype=torch.bfloat16 if tcfg.cache_dtype == "bfloat16" else torch.float32,
-        cache_bytes=int(tcfg.cache_gb * 2**30) if tcfg.feature_cache == "lazy" else None,
-    )
-    first = store.check_consistent(needed)
+    store = None
+    encoder = dict(RNA_ONLY_ENCODER)
+    if features_dir is not None:
+        needed = [s for p in [*fold.train, *fold.val] for s in slides[p]]
+        store = _feature_store(features_dir, needed, tcfg)
+        encoder = _encoder_spec(store.check_consistent(needed))
     labels = None
     if subtype and any(subtype.get(p) is not None for p in fold.train):
         labels = {p: subtype.get(p) for p in fold.train}
@@ -811,8 +831,31 @@ def prepare_fold(
         train,
         val,
         jsonable(prep.to_dict(), fallback=str),
-        _encoder_spec(first),
+        encoder,
         fold.to_dict(),
+    )
+
+
+#: ``model.json["encoder"]`` of an expression-only run: no patch encoder, no tiles.
+RNA_ONLY_ENCODER: dict[str, Any] = {
+    "name": None,
+    "dim": 1,  # the (unused) slide encoder's input width; no slide is ever given to it
+    "patch_size_level0": None,
+    "target_mpp": None,
+    "tile_px": None,
+    "encoder_spec": None,
+    "source_format": None,
+    "expression_only": True,
+}
+
+
+def _feature_store(features_dir: Any, slide_ids: Sequence[str], tcfg: TrainConfig) -> FeatureStore:
+    paths = find_feature_files(features_dir, slide_ids)
+    return FeatureStore(
+        paths,
+        mode=tcfg.feature_cache,
+        cache_dtype=torch.bfloat16 if tcfg.cache_dtype == "bfloat16" else torch.float32,
+        cache_bytes=int(tcfg.cache_gb * 2**30) if tcfg.feature_cache == "lazy" else None,
     )
 
 
@@ -827,10 +870,43 @@ def _resolve_model_config(
     )
 
 
+#: CPU runs longer than this (estimated from a measured step) get a warning with remedies.
+CPU_WARN_HOURS = 3.0
+
+
+def _plan_text(folds: int, epochs: int, steps: int, val_steps: int, step_s: float | None,
+               device: torch.device) -> tuple[str, float | None]:  # fmt: skip
+    total = folds * epochs * steps
+    line = (
+        f"plan: {folds} fold(s) x {epochs} epoch(s) x {steps} step(s) = {total} training steps "
+        f"(+ {val_steps} validation batch(es) per epoch)"
+    )
+    if step_s is None:
+        return line, None
+    # a validation batch (no backward) costs about half a training step
+    hours = folds * epochs * (steps + 0.5 * val_steps) * step_s / 3600.0
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    where = f"{device.type}" + (f", {threads} threads" if threads else "")
+    return line + f"; measured {step_s:.2f} s per step on {where} -> about {_hours(hours)}", hours
+
+
+def _hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def _cpu_remedies(tcfg: TrainConfig) -> str:
+    return (
+        "This is long for a CPU. To shrink it: fewer --epochs (now "
+        f"{tcfg.epochs}), one fold at a time (--fold 0) or fewer --folds (now {tcfg.folds}), "
+        f"fewer --tiles-per-slide (now {tcfg.tiles_per_slide}; a slide with fewer tiles uses "
+        "only its own), a smaller model (--set model.embed_dim=128) or a GPU (--device cuda)."
+    )
+
+
 def pretrain(
     cohort: Any,
     expression: Any,
-    features_dir: str | os.PathLike[str],
+    features_dir: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     preset: str | Any = "mirror",
     config: TrainConfig | None = None,
@@ -840,15 +916,26 @@ def pretrain(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     progress_bar: bool = False,
+    nan_policy: str = "error",
+    log: Callable[[str], None] | None = None,
 ) -> PretrainResult:
     """Pretrain one model per outer fold and write the run folder (see :mod:`.run`).
+
+    Every input is checked before anything is written: the cohort, the expression table (all
+    patients present), the feature files of every slide of the folds to train (present, one
+    encoder and dimension, tiles), the preset's losses, and the first fold's gene selection
+    and normalisation. The run folder is created only then, when training starts; a run that
+    fails on its input leaves no folder behind.
 
     Parameters
     ----------
     cohort, expression
         Paths (CSV) or already-read ``Cohort`` / ``ExpressionTable`` objects.
     features_dir
-        Folder of ``<slide_id>.h5`` feature files.
+        Folder of ``<slide_id>.h5`` feature files, or None for an **expression-only** run:
+        only the RNA encoder learns, from the losses that need no slide (RNA retention and
+        the RNA half of the style prior, when the preset has them); alignment, slide retention
+        and cluster agreement need slides and are off (``PretrainResult.extra["losses"]``).
     out_dir
         Run folder; created. Refuses to overwrite an existing run unless ``resume``.
     preset
@@ -865,10 +952,17 @@ def pretrain(
         Progress callback ``(done_steps, total_steps, stage)`` and cancellation poll.
     progress_bar
         Draw a tqdm bar with the loss terms (rank 0; the CLI turns it on).
+    nan_policy
+        Missing expression values (see :func:`~mirror_model.expression.read_expression`);
+        recorded in ``config.yaml`` so evaluation and export read the table the same way.
+    log
+        Receives the plan, the time estimate from a measured first step (with remedies when a
+        CPU run would take more than :data:`CPU_WARN_HOURS`) and notes (rank 0).
 
     Returns
     -------
     PretrainResult
+        ``extra``: ``notes`` (list of str), ``losses`` (used / unavailable), ``estimate_h``.
     """
     tcfg = config or TrainConfig()
     out = Path(out_dir)
@@ -879,9 +973,7 @@ def pretrain(
     ctx = init_distributed(device.type)
     try:
         return _pretrain(
-            cohort,
-            expression,
-            features_dir,
+            _Inputs(cohort, expression, features_dir, nan_policy),
             out,
             preset,
             tcfg,
@@ -893,15 +985,22 @@ def pretrain(
             device,
             precision,
             ctx,
+            log,
         )
     finally:
         ctx.shutdown()
 
 
+@dataclass
+class _Inputs:
+    cohort: Any
+    expression: Any
+    features_dir: Any
+    nan_policy: str = "error"
+
+
 def _pretrain(
-    cohort: Any,
-    expression: Any,
-    features_dir: Any,
+    inputs: _Inputs,
     out: Path,
     preset: Any,
     tcfg: TrainConfig,
@@ -913,11 +1012,26 @@ def _pretrain(
     device: torch.device,
     precision: str,
     ctx: DistContext,
+    log: Callable[[str], None] | None,
 ) -> PretrainResult:
     from .. import __version__
     from .run import CONFIG_FILE, SPLITS_FILE, fold_dirname
 
-    coh, expr = _load_inputs(cohort, expression)
+    def say(msg: str) -> None:
+        notes.append(msg)
+        if log is not None and ctx.is_main:
+            log(msg)
+
+    notes: list[str] = []
+    features_dir = inputs.features_dir
+    coh, expr = _load_inputs(inputs.cohort, inputs.expression, inputs.nan_policy)
+    rna_only = features_dir is None
+    if not rna_only and not coh.has_slides:
+        raise ConfigError(
+            f"the cohort table {coh.path} has no slide columns (an expression-only cohort) but "
+            f"a feature folder was given ({features_dir}); leave out --features to pretrain "
+            "the RNA encoder alone."
+        )
     patients = [str(p) for p in coh.patient_ids]
     # every cohort patient needs an expression profile (clear error listing the missing ones)
     expr.rows_for(patients)
@@ -948,17 +1062,61 @@ def _pretrain(
             patients, patient_subtypes(coh.table), tcfg.folds, tcfg.inner_val_fraction, tcfg.seed
         )
     folds = [splits.fold(tcfg.fold)] if tcfg.fold is not None else list(splits.folds)
-    # every rank has now checked the folder as it was; only then does rank 0 write into it
-    ctx.barrier()
 
     model_overrides = dict(model_overrides or {})
     from ..config import ModelConfig, get_preset
+    from ..models.mirror import MirrorModel
 
     preset_name = preset.name if isinstance(preset, ModelConfig) else str(preset)
     base_model = preset if isinstance(preset, ModelConfig) else get_preset(preset_name)
     if tcfg.stop_gradient is not None:
         model_overrides.setdefault("retention_stop_gradient", bool(tcfg.stop_gradient))
     base_model = base_model.replace(**model_overrides) if model_overrides else base_model
+    active = [n for n, w in base_model.loss_weights.items() if w > 0]
+    losses = {"used": active, "unavailable": []}
+    if rna_only:
+        used = [n for n in MirrorModel.RNA_ONLY_LOSSES if n in active]
+        losses = {"used": used, "unavailable": [n for n in active if n not in used]}
+        if not used:
+            raise ConfigError(
+                f"preset {preset_name!r} trains only {', '.join(active)}, which need slides; an "
+                "expression-only cohort needs RNA retention or the style prior: use --preset "
+                "mirror or mirror-no-clustering (or give --features)."
+            )
+        say(
+            "expression-only run: the RNA encoder learns from "
+            + ", ".join(_LOSS_WORDS.get(n, n) for n in used)
+            + (
+                "; "
+                + ", ".join(_LOSS_WORDS.get(n, n) for n in losses["unavailable"])
+                + " need slides and are off"
+                if losses["unavailable"]
+                else ""
+            )
+            + "."
+        )
+
+    # ---- check every input before anything is written ----------------------------------
+    to_train = [
+        f for f in folds if not (resume and _fold_finished(out / fold_dirname(f.fold), tcfg))
+    ]
+    if not rna_only and to_train:
+        pat = coh.patients()
+        slides = dict(zip(pat["patient_id"].astype(str), pat["slide_ids"], strict=True))
+        needed = [s for f in to_train for p in (*f.train, *f.val) for s in slides[p]]
+        # all present, one encoder and dimension, every file with tiles (headers only)
+        _feature_store(features_dir, list(dict.fromkeys(needed)), tcfg).check_consistent(
+            list(dict.fromkeys(needed))
+        )
+    first_data = prepare_fold(coh, expr, features_dir, to_train[0], tcfg) if to_train else None
+    if first_data is not None:
+        sel_notes = list((first_data.preprocessing.get("selector") or {}).get("notes") or [])
+        for n in sel_notes:
+            say(f"fold {first_data.fold} genes: {n}")
+    # every rank has now checked its inputs and the folder as it was; only then does rank 0
+    # write into it
+    ctx.barrier()
+
     resolved = {
         "format": RUN_FORMAT,
         "version": RUN_FORMAT_VERSION,
@@ -967,10 +1125,13 @@ def _pretrain(
         "model_overrides": jsonable(model_overrides, fallback=str),
         "training": tcfg.to_dict(),
         "data": {
-            "cohort": _path_or_none(cohort),
-            "expression": _path_or_none(expression),
-            "features_dir": str(Path(features_dir).resolve()),
+            "cohort": _path_or_none(inputs.cohort),
+            "expression": _path_or_none(inputs.expression),
+            "features_dir": None if rna_only else str(Path(features_dir).resolve()),
+            "expression_nan_policy": inputs.nan_policy,
         },
+        "modalities": ["rna"] if rna_only else ["slide", "rna"],
+        "losses": losses,
         "seed": tcfg.seed,
         "world_size": ctx.world_size,
         "precision": precision,
@@ -978,7 +1139,6 @@ def _pretrain(
     }
     resolved = jsonable(resolved, fallback=str)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         if (resume or attach) and config_path.is_file():
             import yaml
 
@@ -988,6 +1148,7 @@ def _pretrain(
                     f"cannot resume {out}: the model preset/overrides differ from its config.yaml "
                     f"(was {old.get('preset')!r}); use the original options."
                 )
+        out.mkdir(parents=True, exist_ok=True)
         splits.save(splits_path)
         import yaml
 
@@ -996,45 +1157,78 @@ def _pretrain(
 
     stop = _StopFlag(should_stop)
     results: list[FoldResult] = []
+    extra: dict[str, Any] = {"notes": notes, "losses": losses, "estimate_h": None}
+    planned = False
     for fold in folds:
         fdir = out / fold_dirname(fold.fold)
-        if resume and (fdir / "last.ckpt").is_file():
+        if resume and _fold_finished(fdir, tcfg):
             done = load_checkpoint(fdir / "last.ckpt")["train_state"]
-            if done.epoch >= tcfg.epochs and (fdir / "model.json").is_file():
-                results.append(
-                    FoldResult(
-                        fold.fold,
-                        fdir,
-                        done.best_epoch,
-                        done.best_val_loss,
-                        done.epoch,
-                        done.global_step,
-                        True,
-                        len(fold.train),
-                        len(fold.val),
-                    )
+            results.append(
+                FoldResult(
+                    fold.fold,
+                    fdir,
+                    done.best_epoch,
+                    done.best_val_loss,
+                    done.epoch,
+                    done.global_step,
+                    True,
+                    len(fold.train),
+                    len(fold.val),
                 )
-                continue
-        data = prepare_fold(coh, expr, features_dir, fold, tcfg)
+            )
+            continue
+        if first_data is not None and first_data.fold == fold.fold:
+            data, first_data = first_data, None
+        else:
+            data = prepare_fold(coh, expr, features_dir, fold, tcfg)
         mcfg = _resolve_model_config(
             base_model, data.encoder_spec["dim"], data.train.rna.shape[1], None
         )
-        with stop.catch_sigint():  # Ctrl-C: finish the step, checkpoint, stop
-            res = train_fold(
-                mcfg,
-                data,
-                tcfg,
-                fdir,
-                device=device,
-                precision=precision,
-                ctx=ctx,
-                resume=resume,
-                progress=progress,
-                should_stop=should_stop,
-                stop_flag=stop,
-                progress_bar=progress_bar,
+        trainer = FoldTrainer(
+            mcfg, data, tcfg, fdir, device=device, precision=precision, ctx=ctx,
+            resume=resume, should_stop=should_stop, stop_flag=stop,
+        )  # fmt: skip
+        if not planned:
+            planned = True
+            steps = trainer.train_loader.steps_per_epoch()
+            val_steps = trainer.val_loader.steps_per_epoch()
+            n_left = len(
+                [
+                    f
+                    for f in folds
+                    if not (resume and _fold_finished(out / fold_dirname(f.fold), tcfg))
+                ]
             )
+
+            def on_step_time(
+                step_s: float, plan: tuple[int, int, int] = (n_left, steps, val_steps)
+            ) -> None:
+                text, hours = _plan_text(plan[0], tcfg.epochs, plan[1], plan[2], step_s, device)
+                extra["estimate_h"] = hours
+                say(text)
+                if hours is not None and device.type == "cpu" and hours > CPU_WARN_HOURS:
+                    say("warning: " + _cpu_remedies(tcfg))
+
+            say(_plan_text(n_left, tcfg.epochs, steps, val_steps, None, device)[0])
+            trainer.on_step_time = on_step_time
+        with stop.catch_sigint():  # Ctrl-C: finish the step, checkpoint, stop
+            res = trainer.fit(progress=progress, progress_bar=progress_bar)
         results.append(res)
         if not res.completed:
-            return PretrainResult(out, results, splits, tcfg, completed=False)
-    return PretrainResult(out, results, splits, tcfg, completed=True)
+            return PretrainResult(out, results, splits, tcfg, completed=False, extra=extra)
+    return PretrainResult(out, results, splits, tcfg, completed=True, extra=extra)
+
+
+_LOSS_WORDS = {
+    "align": "alignment (align, needs slide-RNA pairs)",
+    "ret_slide": "slide retention (ret_slide)",
+    "ret_rna": "RNA retention (ret_rna: masked latent reconstruction)",
+    "style": "the style prior (style, RNA half)",
+    "cluster": "cluster agreement between modalities (cluster)",
+}
+
+
+def _fold_finished(fdir: Path, tcfg: TrainConfig) -> bool:
+    if not (fdir / "last.ckpt").is_file() or not (fdir / "model.json").is_file():
+        return False
+    return load_checkpoint(fdir / "last.ckpt")["train_state"].epoch >= tcfg.epochs
