@@ -33,9 +33,11 @@ def _check_probabilities(pred, classes):
 
 def _check_risk(pred, bundle, kind):
     assert np.isfinite(pred.risk_score)
+    from scipy.stats import percentileofscore
+
     ref = np.asarray(bundle.reference(kind)["risk"], dtype=float)
-    expected = 100.0 * (np.sum(ref < pred.risk_score) + 0.5 * np.sum(ref == pred.risk_score)) / ref.size
-    assert pred.risk_percentile == pytest.approx(expected)
+    # scipy's "mean" kind: ties count half (an implementation independent of ours)
+    assert pred.risk_percentile == pytest.approx(percentileofscore(ref, pred.risk_score, "mean"))
     cut = bundle.risk_cutoff(kind)
     assert pred.risk_cutoff == cut
     assert pred.risk_group == ("high" if pred.risk_score > cut else "low")
@@ -253,3 +255,30 @@ def test_match_sample_rules():
     assert match_sample(["P7", "P77"], "P77_HE.svs") == "P77"  # longest prefix at a separator
     assert match_sample(["P7", "P8"], "P78.svs") is None  # no separator after the prefix
     assert match_sample(["P7", "P8"], None) is None
+
+
+@pytest.mark.parametrize(
+    ("offsets", "percentile"),
+    [
+        # reference risks relative to the patient's own score r: below, tied, above
+        ([-1.0, -1.0, 0.0, 0.0, 1.0], 60.0),  # (2 below + 2 ties / 2) / 5
+        ([1.0, 2.0, 3.0], 0.0),
+        ([-3.0, -2.0, -1.0, -0.5], 100.0),
+        ([0.0], 50.0),
+        ([-1.0, 0.0, 1.0, 2.0], 37.5),  # (1 + 0.5) / 4
+    ],
+)
+def test_risk_percentile_against_a_hand_made_reference(case, offsets, percentile):
+    import copy
+
+    from mirror_model.bundle import Bundle
+
+    first = predict(case.bundle, expression_path=case.expression_path, sample_id=case.sample_id,
+                    device="cpu", precision="fp32")  # fmt: skip
+    doc = copy.deepcopy(case.bundle.document)
+    doc["reference_cohort"]["rna"]["risk"] = np.array(offsets) + first.risk_score
+    edited = Bundle(document=doc, model_state=case.bundle.model_state)
+    pred = predict(edited, expression_path=case.expression_path, sample_id=case.sample_id,
+                   device="cpu", precision="fp32")  # fmt: skip
+    assert pred.input_kind == "rna" and pred.risk_score == first.risk_score
+    assert pred.risk_percentile == percentile
