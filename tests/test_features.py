@@ -260,3 +260,16 @@ def test_check_encoder(tmp_path: Path) -> None:
     check_encoder(foreign, spec)  # unknown encoder, matching dim: accepted
     with pytest.raises(FeatureFileError, match="does not record which patch encoder"):
         check_encoder(foreign, spec, strict=True)
+
+
+def test_one_dimensional_features_named_before_row_counts(tmp_path):
+    """pretrain probes headers only (load_features=False): the 1-D array is the problem."""
+    import h5py
+
+    p = tmp_path / "oned.h5"
+    with h5py.File(p, "w") as fh:
+        fh.create_dataset("features", data=np.zeros(384, np.float32))
+        fh.create_dataset("coords", data=np.zeros((1, 2), np.int64))
+    for load in (True, False):
+        with pytest.raises(FeatureFileError, match=r"2-D \[tiles, dim\] array, got shape \(384,\)"):
+            read_features(p, load_features=load)

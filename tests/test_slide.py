@@ -345,3 +345,27 @@ def test_ome_planar_channels(tmp_path: Path, slide_img: np.ndarray) -> None:
                      metadata={"axes": "CYX", "PhysicalSizeX": 0.5})
     with pytest.raises(SlideError, match=r"fluo\.ome\.tif: the image has 5 separate channels"):
         open_slide(five)
+
+
+def test_grayscale_slide_is_named_as_such(tmp_path):
+    """A single-channel pyramidal TIFF with content: the error names the channel problem,
+    not "no tissue"; a blank white RGB slide keeps the no-tissue message."""
+    import tifffile
+
+    from mirror_model.errors import SlideError
+    from mirror_model.slide import make_tile_grid, open_slide
+
+    img = (np.random.default_rng(0).random((1024, 1024)) * 120).astype(np.uint8)
+    p = tmp_path / "gray.tif"
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(img, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                 photometric="minisblack")  # fmt: skip
+    with open_slide(p) as s, pytest.raises(SlideError, match="single channel \\(grayscale"):
+        make_tile_grid(s, target_mpp=1.0, tile_px=64)
+    white = np.full((1024, 1024, 3), 250, np.uint8)
+    q = tmp_path / "white.tif"
+    with tifffile.TiffWriter(q) as tw:
+        tw.write(white, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                 photometric="rgb")  # fmt: skip
+    with open_slide(q) as s, pytest.raises(SlideError, match="no tissue found"):
+        make_tile_grid(s, target_mpp=1.0, tile_px=64)

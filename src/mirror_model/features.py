@@ -354,13 +354,14 @@ def _read_h5(p: Path, load_features: bool = True) -> FeatureFile:
     )
     if not load_features:
         attrs["n_tiles"] = n_rows
-        if coords is not None and coords.shape[0] != n_rows:
-            raise FeatureFileError(
-                f"{p}: {n_rows} feature rows but {coords.shape[0]} coordinates; the file is inconsistent."
-            )
+        # the shape first: a 1-D array is the problem, not its row count
         if len(fset.shape) != 2:
             raise FeatureFileError(
                 f"{p}: features must be a 2-D [tiles, dim] array, got shape {tuple(fset.shape)}."
+            )
+        if coords is not None and coords.shape[0] != n_rows:
+            raise FeatureFileError(
+                f"{p}: {n_rows} feature rows but {coords.shape[0]} coordinates; the file is inconsistent."
             )
         return ff
     return ff.validate(p)

@@ -160,6 +160,7 @@ def make_tile_grid(
         keep &= frac > 0
     coords = all_xy[keep]
     if require_tissue and coords.shape[0] == 0:
+        _refuse_colourless(slide, path)
         raise SlideError(
             f"{path}: no tissue found (tissue covers {100 * tissue.tissue_fraction:.1f}% of the overview; "
             f"no {tile_px} px tile at {target_mpp} µm/px has ≥{100 * tissue_threshold:.0f}% tissue). "
@@ -179,3 +180,27 @@ def make_tile_grid(
         slide_mpp=mpp,
         tissue_threshold=tissue_threshold,
     )
+
+
+def _refuse_colourless(slide: object, path: object) -> None:
+    """A grayscale / single-channel slide has no stain colour to find tissue by: say so
+    instead of "no tissue found"."""
+    try:
+        thumb = np.asarray(slide.get_thumbnail(512))  # type: ignore[attr-defined]
+    except Exception:  # the ordinary message follows
+        return
+    grey = thumb if thumb.ndim == 2 else thumb[..., 0]
+    if float(np.mean(grey < 220)) < 0.01:
+        return  # blank (near-white) slide: the ordinary "no tissue" message fits
+    if thumb.ndim == 2 or (
+        thumb.ndim == 3
+        and thumb.shape[2] >= 3
+        and np.array_equal(thumb[..., 0], thumb[..., 1])
+        and np.array_equal(thumb[..., 1], thumb[..., 2])
+    ):
+        raise SlideError(
+            f"{path}: the slide has a single channel (grayscale: red = green = blue in every "
+            "pixel), so no stained tissue can be found in it. MIRROR needs a brightfield RGB "
+            "scan (H&E); a grayscale, fluorescence or single-channel export cannot be used — "
+            "open the original colour scan."
+        )
