@@ -383,12 +383,44 @@ def peak_memory(device) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _flop_mapping() -> dict[Any, Any]:
-    """Formulas FlopCounterMode lacks: the CPU flash-attention kernels of SDPA.
+def conv_flops(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int],
+               transposed: bool = False) -> int:
+    """FLOPs (2 per multiply-add) of one convolution, any number of groups.
 
-    torch's counter knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention
-    _for_cpu`` (and its backward), so on CPU attention FLOPs would silently count as zero.
-    The same formulas are used: 4·B·H·Lq·Lk·d forward (QKᵀ and PV), twice that backward.
+    Every output position of every sample multiplies each kernel tap of each output channel
+    with the ``C_in / groups`` input channels of its group: ``2 · B · C_out · C_in/g · prod(out
+    spatial) · prod(kernel)``. The weight ``[C_out, C_in/g, *k]`` carries exactly the two channel
+    factors (for a transposed convolution ``[C_in, C_out/g, *k]`` over the *input* positions).
+    """
+    spatial = (x_shape if transposed else out_shape)[2:]
+    return 2 * int(x_shape[0]) * math.prod(spatial) * math.prod(w_shape)
+
+
+def conv_backward_flops(grad_out_shape: Sequence[int], x_shape: Sequence[int],
+                        w_shape: Sequence[int], transposed: bool,
+                        output_mask: Sequence[bool]) -> int:
+    """FLOPs of ``aten.convolution_backward``: each requested gradient (input, weight) is the
+    same multiply-adds as the forward, rearranged (``grad_x = convᵀ(grad_out, w)``,
+    ``grad_w = Σ grad_out ⊗ x`` per group); bias gradients are sums, not counted.
+
+    torch's own formula (``torch.utils.flop_counter.conv_backward_flop``) counts the weight
+    gradient as a dense convolution of ``xᵀ`` with ``grad_outᵀ``, i.e. ``groups`` times too
+    many: a depthwise 7×7 conv on ``[8, 768, 16, 16]`` has 0.154 GFLOP forward and 0.308 GFLOP
+    backward, which torch counts as 118.5 GFLOP.
+    """
+    fwd = conv_flops(x_shape, w_shape, grad_out_shape, transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _flop_mapping() -> dict[Any, Any]:
+    """Formulas where FlopCounterMode is wrong or blind.
+
+    * ``convolution_backward``: torch over-counts the weight gradient of grouped convolutions
+      by the number of groups (see :func:`conv_backward_flops`); ours counts it per group.
+    * The CPU flash-attention kernels of SDPA: torch's counter knows the CUDA SDPA kernels but
+      not ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), so on CPU
+      attention FLOPs would silently count as zero. The same formulas are used:
+      4·B·H·Lq·Lk·d forward (QKᵀ and PV), twice that backward.
     """
     import torch
     from torch.utils import flop_counter as fc
@@ -402,6 +434,11 @@ def _flop_mapping() -> dict[Any, Any]:
     def bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
         return fc.sdpa_backward_flop_count(grad_out, query, key, value)
 
+    def conv_bwd(grad_out, x, w, _bias, _stride, _padding, _dilation, transposed,
+                 _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+        return conv_backward_flops(grad_out, x, w, transposed, output_mask)
+
+    mapping[aten.convolution_backward] = conv_bwd
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
@@ -420,8 +457,8 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
 
     Returns (total FLOPs, fn's result). The counter counts matmul, convolution and
     attention kernels (forward and, if ``fn`` calls backward, backward; CPU SDPA kernels
-    included, see :func:`_flop_mapping`); element-wise ops are not counted, so
-    achieved-FLOP/s figures are conservative.
+    included and grouped-convolution backward corrected, see :func:`_flop_mapping`);
+    element-wise ops are not counted, so achieved-FLOP/s figures are conservative.
     """
     with _counter() as counter:
         out = fn()

@@ -63,6 +63,36 @@ def test_count_flops_matches_closed_form() -> None:
     assert out.shape == (12, 7)
 
 
+@pytest.mark.parametrize(
+    ("shape", "channels_out", "kernel", "groups", "padding"),
+    [
+        ((8, 768, 16, 16), 768, 7, 768, 3),  # PPEG's depthwise 7x7 (the case torch gets wrong)
+        ((2, 8, 300, 96), 8, (33, 1), 8, (16, 0)),  # the Nystrom value convolution, per head
+        ((2, 12, 10, 10), 6, 3, 3, 0),  # 3 groups of 4 -> 2 channels, no padding
+        ((2, 5, 9, 9), 7, 3, 1, 1),  # dense
+    ],
+)
+def test_convolution_flops_match_hand_count(shape, channels_out, kernel, groups, padding) -> None:
+    """Forward and backward FLOPs of a (grouped) convolution against a hand count:
+    2 x (batch x output channels x input channels per group x output positions x taps) for
+    the forward, and the same again for each of the input and the weight gradients."""
+    import torch
+
+    conv = torch.nn.Conv2d(shape[1], channels_out, kernel, padding=padding, groups=groups,
+                           bias=False)  # fmt: skip
+    x = torch.randn(*shape, requires_grad=True)
+    out = conv(x)
+    kh, kw = conv.kernel_size
+    hand = 2 * shape[0] * channels_out * (shape[1] // groups) * out.shape[2] * out.shape[3] * kh * kw
+    fwd, out = H.count_flops(lambda: conv(x))
+    assert fwd == hand
+    grad = torch.randn_like(out)
+    bwd, _ = H.count_flops(lambda: out.backward(grad))
+    assert bwd == 2 * hand  # grad wrt input and grad wrt weight
+    if shape == (8, 768, 16, 16):
+        assert hand == 154_140_672  # 0.154 GFLOP forward; torch's own counter says 118.5 G back
+
+
 def test_shape_watch_flags_n_by_n_only() -> None:
     import torch
 
