@@ -12,10 +12,16 @@ usage: python -m torch.distributed.run --standalone --nproc-per-node 2 _dist_wor
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
 import torch.distributed as dist
+
+# DistributedDataParallel imports torch.distributed.nn lazily; imported after init_process_group,
+# its functions capture the WORLD group in default arguments, which keeps the group (and gloo's
+# threads) alive past destroy_process_group into interpreter shutdown. Import it first.
+import torch.distributed.nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -77,16 +83,35 @@ def run_case(sizes: list[int]) -> dict | None:
     }
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: /proc/self/task/*/comm)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                name = fh.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
 def main() -> None:
     out_path, cases = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    rank = dist.get_rank()
     results = [run_case([int(v) for v in case.split(",")]) for case in cases.split(";")]
-    if dist.get_rank() == 0:
+    if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(results, fh)
     dist.barrier()
     dist.destroy_process_group()
+    # the group is gone only if nothing still holds it: its threads must have been joined here,
+    # not left to interpreter shutdown
+    with open(f"{out_path}.rank{rank}.threads", "w") as fh:
+        json.dump(gloo_threads(), fh)
 
 
 if __name__ == "__main__":

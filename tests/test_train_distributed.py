@@ -75,10 +75,9 @@ def test_two_process_run_matches_single_process(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port (a fixed one collides with any other run)
             "--nproc-per-node",
             "2",
-            "--master-port",
-            "29517",
             "-m",
             "mirror_model.cli",
             *common,

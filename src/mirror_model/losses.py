@@ -17,6 +17,11 @@ from torch import Tensor
 __all__ = ["clip_loss", "gaussian_kl", "retention_loss", "symmetric_kl"]
 
 
+# torch >= 2.13 names the single-tensor collectives *_single (the *_tensor names warn FutureWarning)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _f32(t: Tensor) -> Tensor:
     """float32 for half-precision/float32 input; float64 is kept (exact comparisons in tests)."""
     return t if t.dtype == torch.float64 else t.float()
@@ -28,24 +33,49 @@ def _distributed_world() -> int:
     return 1
 
 
+class _AllGatherRows(torch.autograd.Function):
+    """``all_gather_single`` over the default group, with the gradient of a gather.
+
+    Forward: ``[n, ...]`` on every rank -> ``[world * n, ...]`` (rank order). Backward: each
+    rank receives the *sum over ranks* of the gradient for its own rows (``reduce_scatter``),
+    because every rank's loss uses every row. The group is looked up at call time and never
+    stored, so nothing here keeps a process group alive after ``destroy_process_group``
+    (``torch.distributed.nn.functional`` captures the WORLD group in default arguments when
+    imported after ``init_process_group``, which kept gloo's threads running into interpreter
+    shutdown).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        _reduce_scatter_single(out, grad)
+        return out
+
+
 def _gather_with_grad(x: Tensor) -> tuple[Tensor, int, int]:
     """All-gather ``x [n_local, D]`` from every rank with autograd (sizes may differ).
 
     Returns the concatenated ``[N_global, D]`` tensor, this rank's row offset and N_global.
-    The backward of :func:`torch.distributed.nn.functional.all_gather` sums the gradients that
-    every rank computes for this rank's rows, which is what makes the gathered loss exact.
+    The backward sums the gradients that every rank computes for this rank's rows, which is
+    what makes the gathered loss exact.
     """
-    import torch.distributed.nn.functional as dist_fn
-
     world, rank = dist.get_world_size(), dist.get_rank()
     n_local = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n_local) for _ in range(world)]
-    dist.all_gather(sizes, n_local)
-    sizes_list = [int(s.item()) for s in sizes]
+    sizes = torch.empty(world, device=x.device, dtype=torch.long)
+    _all_gather_single(sizes, n_local)
+    sizes_list = [int(s) for s in sizes.tolist()]
     n_max = max(sizes_list)
-    if x.shape[0] < n_max:  # all_gather needs equal shapes: pad, gather, cut
+    if x.shape[0] < n_max:  # the collective needs equal shapes: pad, gather, cut
         x = torch.cat([x, x.new_zeros(n_max - x.shape[0], *x.shape[1:])], dim=0)
-    parts = dist_fn.all_gather(x)
+    parts = _AllGatherRows.apply(x).split(n_max)
     gathered = torch.cat([p[:s] for p, s in zip(parts, sizes_list, strict=True)], dim=0)
     return gathered, sum(sizes_list[:rank]), sum(sizes_list)
 

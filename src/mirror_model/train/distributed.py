@@ -57,9 +57,18 @@ class DistContext:
         if self.distributed:
             dist.barrier()
 
-    def shutdown(self) -> None:
-        """Destroy the process group if this context created it."""
+    def shutdown(self, sync: bool = True) -> None:
+        """Destroy the process group if this context created it.
+
+        With ``sync`` (a normal end) the ranks first meet at a barrier, so no rank closes its
+        connections while another still has a collective in flight; after an error pass
+        ``sync=False`` (the other ranks may never arrive). Destroying the group joins gloo's
+        worker threads here, while the interpreter is alive, provided nothing else holds the
+        group (see :func:`mirror_model.losses.clip_loss`, which never stores it).
+        """
         if self.initialized_here and dist.is_initialized():
+            if sync and self.distributed:
+                dist.barrier()
             dist.destroy_process_group()
 
 

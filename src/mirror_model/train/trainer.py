@@ -972,7 +972,7 @@ def pretrain(
     precision = resolve_precision(tcfg.precision, device)
     ctx = init_distributed(device.type)
     try:
-        return _pretrain(
+        result = _pretrain(
             _Inputs(cohort, expression, features_dir, nan_policy),
             out,
             preset,
@@ -987,8 +987,11 @@ def pretrain(
             ctx,
             log,
         )
-    finally:
-        ctx.shutdown()
+    except BaseException:
+        ctx.shutdown(sync=False)  # the other ranks may never reach a barrier
+        raise
+    ctx.shutdown()
+    return result
 
 
 @dataclass
