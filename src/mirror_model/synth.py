@@ -75,6 +75,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -964,10 +965,8 @@ def synthesize_cohort(
     SynthSummary
     """
     t0 = time.perf_counter()
-    unknown = set(model_params) - set(SynthConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"unknown synthetic-cohort parameter(s): {', '.join(sorted(unknown))}.")
-    cfg = SynthConfig(
+    cfg = _make_config(
+        model_params,
         n_patients=n_patients,
         seed=seed,
         slide_px=slide_px,
@@ -976,12 +975,66 @@ def synthesize_cohort(
         subtypes=tuple(subtypes),
         slides_per_patient=slides_per_patient,
         mask_downsample=mask_downsample,
-        **model_params,
-    )  # type: ignore[arg-type]
-    cfg.validate()
+    )
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}.")
-    out = Path(out_dir)
+    out = _prepare_folder(Path(out_dir), overwrite=overwrite, write_slides=write_slides)
+
+    root = np.random.SeedSequence(seed)
+    ss_patients, ss_genes, ss_expr, ss_slides = root.spawn(4)
+    pv = _patient_variables(cfg, np.random.default_rng(ss_patients))
+    plan = _plan_slides(cfg, pv, ss_slides, out)
+    genes, roles_idx = _gene_roles(cfg, np.random.default_rng(ss_genes))
+    counts = _expression_counts(
+        cfg, pv, plan.tumour_fraction, roles_idx, np.random.default_rng(ss_expr)
+    )
+    gene_roles = {k: [genes[j] for j in v] for k, v in roles_idx.items()}
+    if write_slides:
+        _render_slides(plan.jobs, workers, progress, should_stop)
+    else:
+        report(progress, 0, 0, "synthesising slides")
+    files = _write_tables(out, cfg, pv, plan, genes, counts)
+    curated_path = out / "curated_genes.txt"
+    atomic_write_text(curated_path, "\n".join(_curated_genes(gene_roles, seed)) + "\n")
+    dims = _level_dims(cfg.slide_px, cfg.pyramid_downsample, cfg.tile_px)
+    model_json = out / "generative_model.json"
+    doc = _generative_model(cfg, pv, dims, gene_roles, write_slides)
+    atomic_write_text(model_json, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / "README.md", _readme(cfg, dims, pv))
+    return SynthSummary(
+        out_dir=out,
+        cohort_csv=files["cohort"],
+        expression_csv=files["expression"],
+        truth_csv=files["truth"],
+        curated_genes=curated_path,
+        model_json=model_json,
+        config=cfg,
+        patient_ids=plan.patient_ids,
+        subtype=plan.subtype_names,
+        latent_risk=pv["risk"],
+        tumour_fraction=plan.tumour_fraction,
+        grade=plan.grade,
+        time_months=pv["time"],
+        event=pv["event"],
+        slide_ids=[j.slide_id for j in plan.jobs],
+        slide_paths=[Path(j.slide_path) for j in plan.jobs],
+        mask_paths=[Path(j.mask_path) for j in plan.jobs],
+        level_dimensions=[tuple(d) for d in dims],
+        gene_roles=gene_roles,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _make_config(model_params: dict[str, Any], **fields: Any) -> SynthConfig:
+    unknown = set(model_params) - set(SynthConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown synthetic-cohort parameter(s): {', '.join(sorted(unknown))}.")
+    cfg = SynthConfig(**fields, **model_params)
+    cfg.validate()
+    return cfg
+
+
+def _prepare_folder(out: Path, *, overwrite: bool, write_slides: bool) -> Path:
     if (out / "cohort.csv").exists() and not overwrite:
         raise ConfigError(
             f"{out / 'cohort.csv'} already exists; choose another folder or pass "
@@ -991,30 +1044,39 @@ def synthesize_cohort(
     if write_slides:
         (out / "slides").mkdir(exist_ok=True)
         (out / "masks").mkdir(exist_ok=True)
+    return out
 
-    root = np.random.SeedSequence(seed)
-    ss_patients, ss_genes, ss_expr, ss_slides = root.spawn(4)
-    rng_p = np.random.default_rng(ss_patients)
-    pv = _patient_variables(cfg, rng_p)
+
+@dataclass
+class _SlidePlan:
+    """Every slide to render (jobs) and the cohort table's rows, in patient order; the first
+    slide's tumour fraction and grade per patient (the expression and truth use them)."""
+
+    patient_ids: list[str]
+    subtype_names: list[str]
+    jobs: list[_SlideJob]
+    rows: list[tuple]
+    tumour_fraction: np.ndarray
+    grade: np.ndarray
+
+
+def _plan_slides(
+    cfg: SynthConfig, pv: dict, ss_slides: np.random.SeedSequence, out: Path
+) -> _SlidePlan:
     P = cfg.n_patients
     patient_ids = [f"TCGA-SY-{i + 1:04d}" for i in range(P)]
     subtype_names = [cfg.subtypes[k] for k in pv["subtype_idx"]]
-
     slide_seeds = ss_slides.spawn(P * cfg.slides_per_patient)
-    jobs: list[_SlideJob] = []
-    rows = []
-    tf_first = np.zeros(P)
-    grade_first = np.zeros(P)
+    plan = _SlidePlan(patient_ids, subtype_names, [], [], np.zeros(P), np.zeros(P))
     for p in range(P):
         for k in range(cfg.slides_per_patient):
             i = p * cfg.slides_per_patient + k
             ss = slide_seeds[i]
-            morph_rng = np.random.default_rng(ss.spawn(1)[0])
-            m = _slide_morphology(cfg, float(pv["risk"][p]), morph_rng)
+            m = _slide_morphology(cfg, float(pv["risk"][p]), np.random.default_rng(ss.spawn(1)[0]))
             if k == 0:
-                tf_first[p], grade_first[p] = m["tumour_fraction"], m["grade"]
+                plan.tumour_fraction[p], plan.grade[p] = m["tumour_fraction"], m["grade"]
             slide_id = f"{patient_ids[p]}-01Z-00-DX{k + 1}"
-            jobs.append(
+            plan.jobs.append(
                 _SlideJob(
                     index=i,
                     slide_id=slide_id,
@@ -1033,7 +1095,7 @@ def synthesize_cohort(
                     mask_path=str(out / "masks" / f"{slide_id}.png"),
                 )
             )
-            rows.append(
+            plan.rows.append(
                 (
                     patient_ids[p],
                     slide_id,
@@ -1044,78 +1106,86 @@ def synthesize_cohort(
                     f"masks/{slide_id}.png",
                 )
             )
+    return plan
 
-    # ---- expression
-    genes, roles_idx = _gene_roles(cfg, np.random.default_rng(ss_genes))
-    counts = _expression_counts(cfg, pv, tf_first, roles_idx, np.random.default_rng(ss_expr))
-    gene_roles = {k: [genes[j] for j in v] for k, v in roles_idx.items()}
 
-    # ---- slides
-    results: dict[int, dict] = {}
-    total = len(jobs) if write_slides else 0
+def _render_slides(
+    jobs: list[_SlideJob], workers: int, progress: ProgressFn | None, should_stop: StopFn | None
+) -> None:
+    """Render and write every slide and mask, in this process or in ``workers`` processes."""
+    done = 0
+    total = len(jobs)
     report(progress, 0, total, "synthesising slides")
-    if not write_slides:
-        pass
-    elif workers == 1 or total == 1:
+    if workers == 1 or total == 1:
         for job in jobs:
             check_cancel(should_stop, "synthesising the cohort")
-            results[job.index] = _run_job(job)
-            report(progress, len(results), total, "synthesising slides")
-    else:
-        import multiprocessing as mp
+            _run_job(job)
+            done += 1
+            report(progress, done, total, "synthesising slides")
+        return
+    import multiprocessing as mp
 
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as ex:
-            futures = [ex.submit(_run_job, j) for j in jobs]
-            try:
-                for fut in as_completed(futures):
-                    r = fut.result()
-                    results[r["index"]] = r
-                    report(progress, len(results), total, "synthesising slides")
-                    check_cancel(should_stop, "synthesising the cohort")
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as ex:
+        futures = [ex.submit(_run_job, j) for j in jobs]
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+                done += 1
+                report(progress, done, total, "synthesising slides")
+                check_cancel(should_stop, "synthesising the cohort")
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
-    # ---- tables
+
+def _write_tables(
+    out: Path, cfg: SynthConfig, pv: dict, plan: _SlidePlan, genes: list[str], counts: np.ndarray
+) -> dict[str, Path]:
+    """cohort.csv, expression.csv (samples x genes) and truth.csv."""
     import pandas as pd
 
-    cohort_csv = out / "cohort.csv"
+    paths = {k: out / f"{k}.csv" for k in ("cohort", "expression", "truth")}
     header = "patient_id,slide_id,slide_path,subtype,time,event,mask_path\n"
-    atomic_write_text(cohort_csv, header + "".join(",".join(map(str, r)) + "\n" for r in rows))
-    expr_csv = out / "expression.csv"
+    rows = "".join(",".join(map(str, r)) + "\n" for r in plan.rows)
+    atomic_write_text(paths["cohort"], header + rows)
     df = pd.DataFrame(counts, columns=genes)
-    df.insert(0, "sample_id", [f"{p}-01A" for p in patient_ids])
-    atomic_write_text(expr_csv, df.to_csv(index=False, lineterminator="\n"))
-    truth_csv = out / "truth.csv"
+    df.insert(0, "sample_id", [f"{p}-01A" for p in plan.patient_ids])
+    atomic_write_text(paths["expression"], df.to_csv(index=False, lineterminator="\n"))
     truth = pd.DataFrame(
         {
-            "patient_id": patient_ids,
-            "subtype": subtype_names,
+            "patient_id": plan.patient_ids,
+            "subtype": plan.subtype_names,
             "morphology": [MORPHOLOGIES[k] for k in pv["subtype_idx"]],
             "latent_risk": np.round(pv["risk"], 6),
-            "tumour_fraction": np.round(tf_first, 6),
-            "grade": np.round(grade_first, 6),
+            "tumour_fraction": np.round(plan.tumour_fraction, 6),
+            "grade": np.round(plan.grade, 6),
             "event_time_months": np.round(pv["event_time"], 4),
             "censor_time_months": np.round(pv["censor_time"], 4),
         }
     )
-    atomic_write_text(truth_csv, truth.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(paths["truth"], truth.to_csv(index=False, lineterminator="\n"))
+    return paths
+
+
+def _curated_genes(gene_roles: dict[str, list[str]], seed: int) -> list[str]:
+    """Half of each informative role's genes plus as many noise genes (a 'curated' panel)."""
     curated = sorted(
         [g for k, v in gene_roles.items() if k != "noise" for g in v[: max(1, len(v) // 2)]]
     )
-    noise_pick = sorted(
-        np.random.default_rng(seed + 1)
-        .choice(
-            gene_roles["noise"], size=min(len(curated), len(gene_roles["noise"])), replace=False
-        )
-        .tolist()
+    noise = gene_roles["noise"]
+    pick = np.random.default_rng(seed + 1).choice(
+        noise, size=min(len(curated), len(noise)), replace=False
     )
-    curated_path = out / "curated_genes.txt"
-    atomic_write_text(curated_path, "\n".join(sorted(curated + noise_pick)) + "\n")
-    dims = _level_dims(cfg.slide_px, cfg.pyramid_downsample, cfg.tile_px)
-    model = {
+    return sorted(curated + sorted(pick.tolist()))
+
+
+def _generative_model(
+    cfg: SynthConfig, pv: dict, dims: list, gene_roles: dict[str, list[str]], written: bool
+) -> dict[str, Any]:
+    """The ``generative_model.json`` document: the model, its parameters and gene roles."""
+    return {
         "format": "napari-mirror synthetic cohort",
         "version": FORMAT_VERSION,
         "config": cfg.to_dict(),
@@ -1149,7 +1219,7 @@ def synthesize_cohort(
             "tile_px": cfg.tile_px,
             "compression": f"JPEG q{cfg.jpeg_quality}",
             "mask_downsample": cfg.mask_downsample,
-            "written": bool(write_slides),
+            "written": bool(written),
             "mask_encoding": "PNG, 255 = tumour, 0 = not tumour",
         },
         "expression": {
@@ -1159,32 +1229,6 @@ def synthesize_cohort(
         },
         "gene_roles": gene_roles,
     }
-    model_json = out / "generative_model.json"
-    atomic_write_text(model_json, json.dumps(model, indent=2) + "\n")
-    atomic_write_text(out / "README.md", _readme(cfg, dims, pv))
-
-    return SynthSummary(
-        out_dir=out,
-        cohort_csv=cohort_csv,
-        expression_csv=expr_csv,
-        truth_csv=truth_csv,
-        curated_genes=curated_path,
-        model_json=model_json,
-        config=cfg,
-        patient_ids=patient_ids,
-        subtype=subtype_names,
-        latent_risk=pv["risk"],
-        tumour_fraction=tf_first,
-        grade=grade_first,
-        time_months=pv["time"],
-        event=pv["event"],
-        slide_ids=[j.slide_id for j in jobs],
-        slide_paths=[Path(j.slide_path) for j in jobs],
-        mask_paths=[Path(j.mask_path) for j in jobs],
-        level_dimensions=[tuple(d) for d in dims],
-        gene_roles=gene_roles,
-        seconds=time.perf_counter() - t0,
-    )
 
 
 def synthesize_tiny_cohort(
