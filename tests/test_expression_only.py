@@ -111,3 +111,14 @@ def test_a_bad_feature_file_leaves_no_run_folder(tmp_path):
     res = pretrain(toy.cohort, toy.expression, toy.features, run, config=_cfg(epochs=1, fold=0),
                    model_overrides=TINY_MODEL)  # fmt: skip
     assert res.completed and (run / "fold_0" / "best.safetensors").is_file()
+
+
+def test_survival_gene_selection_reports_its_stability(rna_run, tmp_path):
+    _, toy, cohort, _, _ = rna_run
+    log: list[str] = []
+    res = pretrain(cohort, toy.expression, None, tmp_path / "run",
+                   config=_cfg(epochs=1, gene_selection="survival", n_genes=8),
+                   model_overrides=TINY_MODEL, log=log.append)  # fmt: skip
+    st = res.extra["gene_stability"]
+    assert st["method"] == "cox-screen" and st["n_genes"] == [8, 8, 8]
+    assert any("gene selection (cox-screen) across 3 folds" in m for m in log)

@@ -336,3 +336,46 @@ def test_input_warnings_name_scale_and_dead_genes():
     assert "1 of the model's 4 genes are 0" in w and "C" in w
     (w,) = pp.input_warnings(np.repeat(X[:1], 3, axis=0) * [[1, 1, 1, 1]] + [[0, 1, 2, 0]] * np.arange(3)[:, None], "t")
     assert "constant across its 3 samples" in w and "A, D" in w
+
+
+# ---------------------------------------------------------------------------- survival selection
+
+
+def test_cox_score_z_equals_logrank_for_a_binary_gene():
+    from mirror_model.evaluation.survival import logrank_test
+    from mirror_model.genes import cox_score_z
+
+    rng = np.random.default_rng(0)
+    n = 80
+    x = rng.normal(size=n)
+    t = rng.exponential(np.exp(-0.8 * x))
+    e = (rng.random(n) < 0.7).astype(int)
+    b = (x > 0).astype(float)
+    z = cox_score_z(np.c_[x, b, np.ones(n)], t, e)
+    assert z[1] ** 2 == pytest.approx(logrank_test(t, e, b).statistic, rel=1e-9)
+    assert z[0] > 3 and z[2] == 0.0  # higher expression, earlier death; constant gene: 0
+
+
+def test_survival_selection_finds_the_prognostic_genes_and_reports_stability():
+    from mirror_model.genes import selection_stability
+
+    rng = np.random.default_rng(1)
+    n, g = 150, 60
+    X = rng.normal(5.0, 1.0, size=(n, g))
+    lp = 0.9 * (X[:, 3] - 5) - 0.9 * (X[:, 7] - 5)
+    t = rng.exponential(np.exp(-lp))
+    e = (rng.random(n) < 0.8).astype(float)
+    genes = [f"G{i}" for i in range(g)]
+    sets = []
+    for k in range(3):
+        rows = np.arange(n) % 3 != k
+        pp = fit_preprocessing(
+            X[rows], [f"P{i}" for i in np.flatnonzero(rows)], None, genes=genes,
+            survival=(t[rows], e[rows]), n_top_unsupervised=5,
+        )  # fmt: skip
+        assert pp.selector["method"] == "cox-screen" and {"G3", "G7"} <= set(pp.genes)
+        sets.append(pp.genes)
+    st = selection_stability(sets)
+    assert st["n_genes"] == [5, 5, 5] and {"G3", "G7"} <= set(st["in_every_fold"])
+    assert 0 < st["mean_jaccard"] <= 1
+    assert selection_stability([["a", "b"], ["b", "c"]])["mean_jaccard"] == pytest.approx(1 / 3)

@@ -642,6 +642,11 @@ def evaluate_run(
     result = evaluate_embeddings(
         embs, splits, settings, progress=progress, should_stop=should_stop, **overrides
     )
+    from ..train.run import gene_selection_stability, stability_text
+
+    st = gene_selection_stability(run)
+    if st is not None and st["method"] not in ("all-genes",):
+        result.notes.append(stability_text(st))
     if skipped:
         result.notes.insert(
             0, f"folds {skipped} of {run} have no trained model and were not evaluated."

@@ -20,7 +20,7 @@ __all__ = ["TrainConfig", "parse_set_overrides"]
 _SCHEDULES = ("constant", "cosine")
 _OPTIMIZERS = ("adam", "adamw")
 _MULTI_SLIDE = ("pool", "one")
-_GENE_SELECTION = ("none", "variance", "rfecv")
+_GENE_SELECTION = ("none", "variance", "rfecv", "survival")
 _PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -68,11 +68,14 @@ class TrainConfig:
     inner_val_fraction : float
         Share of the outer-training patients held out (stratified) for the validation loss
         that picks the best epoch. The outer test fold is never used in pretraining.
-    gene_selection : {"none", "variance", "rfecv"}
+    gene_selection : {"none", "variance", "rfecv", "survival"}
         How genes are chosen on the inner-training patients: keep all, keep the ``n_genes``
-        most variable, or RFECV supervised by the subtype (design §1.8).
+        most variable, RFECV supervised by the subtype (design §1.8), or univariate Cox
+        screening on the training patients' survival (the ``n_genes`` with the largest
+        |score z|).
     n_genes : int or None
-        Genes kept by ``variance`` selection (None = 200) or the cap of ``rfecv`` (None = no cap).
+        Genes kept by ``variance`` / ``survival`` selection (None = 200) or the cap of
+        ``rfecv`` (None = no cap).
     curated_genes : str or None
         A gene-list file (one name per line) whose genes are always kept (united with the
         selection, as the authors do with their curated cancer-gene list).

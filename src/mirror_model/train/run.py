@@ -74,6 +74,7 @@ __all__ = [
     "RunInfo",
     "embed_patients",
     "fold_dirname",
+    "gene_selection_stability",
     "load_fold_model",
     "load_run",
 ]
@@ -152,6 +153,34 @@ def run_is_expression_only(config: dict[str, Any]) -> bool:
 def run_nan_policy(config: dict[str, Any]) -> Any:
     """How the run read its expression table's missing values (``config.yaml``)."""
     return (config.get("data") or {}).get("expression_nan_policy") or "error"
+
+
+def gene_selection_stability(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """:func:`mirror_model.genes.selection_stability` of the gene lists the run's trained
+    folds chose (``model.json``), with the selection method; None with fewer than two folds."""
+    from ..genes import selection_stability
+
+    run = load_run(run_dir)
+    sets, methods = [], set()
+    for k in run.folds:
+        info = json.loads((Path(run_dir) / fold_dirname(k) / "model.json").read_text())
+        prep = info.get("preprocessing") or {}
+        sets.append(list(prep.get("genes") or []))
+        methods.add(str((prep.get("selector") or {}).get("method", "?")))
+    if len(sets) < 2:
+        return None
+    return {"method": ", ".join(sorted(methods)), **selection_stability(sets)}
+
+
+def stability_text(st: dict[str, Any]) -> str:
+    """One line for logs and reports."""
+    mj, sd = st.get("mean_jaccard"), st.get("sd_jaccard")
+    return (
+        f"gene selection ({st['method']}) across {st['n_folds']} folds: "
+        f"{min(st['n_genes'])}-{max(st['n_genes'])} genes per fold, mean pairwise Jaccard "
+        f"{mj:.2f}" + (f" (sd {sd:.2f})" if sd is not None else "")
+        + f"; {len(st['in_every_fold'])} genes chosen in every fold"
+    )
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunInfo:

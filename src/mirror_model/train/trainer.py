@@ -742,7 +742,11 @@ def _path_or_none(obj: Any) -> str | None:
 
 
 def _fit_preprocessing(
-    expr: Any, train_ids: Sequence[str], labels: Mapping[str, Any] | None, tcfg: TrainConfig
+    expr: Any,
+    train_ids: Sequence[str],
+    labels: Mapping[str, Any] | None,
+    tcfg: TrainConfig,
+    survival: Mapping[str, tuple[float, float]] | None = None,
 ) -> Any:
     """Gene selection + normalisation fitted on the inner-training patients only.
 
@@ -757,6 +761,17 @@ def _fit_preprocessing(
     if tcfg.gene_selection == "none":
         return fit_preprocessing(expr, list(train_ids), None, curated, select=False)
     params: dict[str, Any] = {"seed": tcfg.seed}
+    if tcfg.gene_selection == "survival":
+        if not survival:
+            raise ConfigError(
+                "gene_selection='survival' needs time and event columns in the cohort table."
+            )
+        params["n_top_unsupervised"] = tcfg.n_genes or 200
+        te = [survival.get(str(p), (math.nan, math.nan)) for p in train_ids]
+        return fit_preprocessing(
+            expr, list(train_ids), None, curated, select=True,
+            survival=([x[0] for x in te], [x[1] for x in te]), **params,
+        )  # fmt: skip
     if tcfg.gene_selection == "variance":
         params["n_top_unsupervised"] = tcfg.n_genes or 200
         return fit_preprocessing(expr, list(train_ids), None, curated, select=True, **params)
@@ -812,7 +827,15 @@ def prepare_fold(
     labels = None
     if subtype and any(subtype.get(p) is not None for p in fold.train):
         labels = {p: subtype.get(p) for p in fold.train}
-    prep = _fit_preprocessing(expr, fold.train, labels, tcfg)
+    survival = None
+    if "time" in patients_df and "event" in patients_df:
+        survival = {
+            str(p): (float(t), float(e))
+            for p, t, e in zip(
+                patients_df["patient_id"], patients_df["time"], patients_df["event"], strict=True
+            )
+        }
+    prep = _fit_preprocessing(expr, fold.train, labels, tcfg, survival)
     x_train = np.asarray(prep.transform(expr, patient_ids=list(fold.train)), dtype=np.float32)
     x_val = np.asarray(prep.transform(expr, patient_ids=list(fold.val)), dtype=np.float32)
     for name, x, ids in (("training", x_train, fold.train), ("validation", x_val, fold.val)):
@@ -1219,6 +1242,13 @@ def _pretrain(
         results.append(res)
         if not res.completed:
             return PretrainResult(out, results, splits, tcfg, completed=False, extra=extra)
+    if ctx.is_main and tcfg.gene_selection != "none":
+        from .run import gene_selection_stability, stability_text
+
+        st = gene_selection_stability(out)
+        if st is not None:
+            extra["gene_stability"] = st
+            say(stability_text(st))
     return PretrainResult(out, results, splits, tcfg, completed=True, extra=extra)
 
 
