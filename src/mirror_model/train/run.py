@@ -163,7 +163,10 @@ def gene_selection_stability(run_dir: str | os.PathLike[str]) -> dict[str, Any] 
     run = load_run(run_dir)
     sets, methods = [], set()
     for k in run.folds:
-        info = json.loads((Path(run_dir) / fold_dirname(k) / "model.json").read_text())
+        try:
+            info = json.loads((Path(run_dir) / fold_dirname(k) / "model.json").read_text())
+        except (OSError, ValueError):
+            continue  # a fold without a readable model.json tells nothing about genes
         prep = info.get("preprocessing") or {}
         sets.append(list(prep.get("genes") or []))
         methods.add(str((prep.get("selector") or {}).get("method", "?")))
