@@ -104,3 +104,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pretrain_toy(toy: Toy, run: Path, config, **kw):
+    """``pretrain`` of the toy cohort with the tiny model (the tests' one way to train)."""
+    from mirror_model.train import pretrain
+
+    kw.setdefault("model_overrides", TINY_MODEL)
+    return pretrain(toy.cohort, toy.expression, toy.features, run, config=config, **kw)
+
+
+def toy_cli_args(toy: Toy) -> list[str]:
+    """The ``mirror-train pretrain`` input options for the toy cohort."""
+    return ["--cohort", str(toy.cohort), "--expression", str(toy.expression),
+            "--features", str(toy.features)]  # fmt: skip

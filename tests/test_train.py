@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _train_helpers import TINY_MODEL, make_toy, one_thread, write_h5
+from _train_helpers import TINY_MODEL, make_toy, one_thread, pretrain_toy, toy_cli_args, write_h5
 
 from mirror_model.cli import main as cli_main
 from mirror_model.errors import CohortError, ExpressionError, FeatureFileError, TrainingError
@@ -58,12 +58,7 @@ def test_cli_run_writes_the_run_folder_contract(toy, tmp_path, capsys):
     rc = cli_main(
         [
             "pretrain",
-            "--cohort",
-            str(toy.cohort),
-            "--expression",
-            str(toy.expression),
-            "--features",
-            str(toy.features),
+            *toy_cli_args(toy),
             "--out",
             str(run),
             "--config",
@@ -215,13 +210,10 @@ def test_non_finite_loss_names_step_and_term_and_keeps_checkpoint(toy, tmp_path,
     with pytest.raises(
         TrainingError, match=r"epoch 1, step 1 .*term 'ret_rna'.*last good checkpoint"
     ) as ei:
-        pretrain(
-            toy.cohort,
-            toy.expression,
-            toy.features,
+        pretrain_toy(
+            toy,
             run,
             config=_cfg(epochs=2, batch_size=2),
-            model_overrides=TINY_MODEL,
         )
     assert "global step 5" in str(ei.value)
     ckpt = load_checkpoint(run / "fold_0" / "last.ckpt")
@@ -246,13 +238,10 @@ def test_clear_input_errors(toy, tmp_path):
         )
     # fewer patients than folds
     with pytest.raises(CohortError, match="16 patient.*20 folds"):
-        pretrain(
-            toy.cohort,
-            toy.expression,
-            toy.features,
+        pretrain_toy(
+            toy,
             tmp_path / "r2",
             config=_cfg(folds=20, fold=None),
-            model_overrides=TINY_MODEL,
         )
     # features of another dimension
     import shutil
@@ -273,13 +262,10 @@ def test_clear_input_errors(toy, tmp_path):
     (tmp_path / "r4").mkdir()
     (tmp_path / "r4" / "config.yaml").write_text("{}")
     with pytest.raises(Exception, match="already holds a run"):
-        pretrain(
-            toy.cohort,
-            toy.expression,
-            toy.features,
+        pretrain_toy(
+            toy,
             tmp_path / "r4",
             config=_cfg(),
-            model_overrides=TINY_MODEL,
         )
 
 
@@ -296,14 +282,11 @@ def test_training_lowers_the_loss_on_paired_toy_data(tmp_path):
         warmup_epochs=1,
         optimizer="adamw",
     )
-    res = pretrain(
-        toy.cohort,
-        toy.expression,
-        toy.features,
+    res = pretrain_toy(
+        toy,
         tmp_path / "run",
         preset="mirror-align-only",
         config=cfg,
-        model_overrides=TINY_MODEL,
     )
     rows = [
         json.loads(x) for x in (tmp_path / "run" / "fold_0" / "log.jsonl").read_text().splitlines()
@@ -333,25 +316,19 @@ def test_ctrl_c_checkpoints_and_resume_continues(toy, tmp_path):
     # default_int_handler normally; SIG_IGN when the test process was started in the background
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Cancelled, match="stopped at epoch 1, step 0"):
-        pretrain(
-            toy.cohort,
-            toy.expression,
-            toy.features,
+        pretrain_toy(
+            toy,
             run,
             config=_cfg(),
-            model_overrides=TINY_MODEL,
             should_stop=press_ctrl_c,
         )
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
     state = load_checkpoint(run / "fold_0" / "last.ckpt")["train_state"]
     assert (state.epoch, state.global_step) == (1, 2)
-    res = pretrain(
-        toy.cohort,
-        toy.expression,
-        toy.features,
+    res = pretrain_toy(
+        toy,
         run,
         config=_cfg(),
-        model_overrides=TINY_MODEL,
         resume=True,
     )
     assert res.completed and res.folds[0].global_step == 4
@@ -359,20 +336,14 @@ def test_ctrl_c_checkpoints_and_resume_continues(toy, tmp_path):
 
 def test_one_more_fold_can_be_added_to_a_run(toy, tmp_path):
     run = tmp_path / "run"
-    pretrain(
-        toy.cohort,
-        toy.expression,
-        toy.features,
+    pretrain_toy(
+        toy,
         run,
         config=_cfg(epochs=1),
-        model_overrides=TINY_MODEL,
     )
-    pretrain(
-        toy.cohort,
-        toy.expression,
-        toy.features,
+    pretrain_toy(
+        toy,
         run,
         config=_cfg(epochs=1, fold=2),
-        model_overrides=TINY_MODEL,
     )
     assert load_run(run).folds == [0, 2]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from _train_helpers import TINY_MODEL, make_toy
+from _train_helpers import TINY_MODEL, make_toy, toy_cli_args
 
 # no dropout: the only randomness left is the (seeded, rank-independent) tile sampling
 _MODEL = {**TINY_MODEL, "slide_dropout": 0.0, "rna_dropout": 0.0}
@@ -49,12 +49,7 @@ def test_two_process_run_matches_single_process(tmp_path):
     cfg.write_text(yaml.safe_dump({"model": _MODEL}))
     common = [
         "pretrain",
-        "--cohort",
-        str(toy.cohort),
-        "--expression",
-        str(toy.expression),
-        "--features",
-        str(toy.features),
+        *toy_cli_args(toy),
         "--config",
         str(cfg),
         *_ARGS,

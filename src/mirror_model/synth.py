@@ -435,18 +435,24 @@ def _clip_box(shape: tuple[int, int], y: int, x: int, h: int, w: int):
     return (slice(y0, y1), slice(x0, x1)), (slice(sy0, sy0 + y1 - y0), slice(sx0, sx0 + x1 - x0))
 
 
+def _stamp_regions(
+    target: np.ndarray, ys: np.ndarray, xs: np.ndarray, bank: list[np.ndarray], choice: np.ndarray
+):
+    """(target view, stamp view) for each centred stamp ``bank[choice[i]]`` at (ys[i], xs[i]),
+    clipped to the target."""
+    for y, x, k in zip(ys.tolist(), xs.tolist(), choice.tolist(), strict=True):
+        s = bank[k]
+        box = _clip_box(target.shape, y, x, s.shape[0], s.shape[1])
+        if box is not None:
+            yield target[box[0]], s[box[1]]
+
+
 def _stamp_max(
     target: np.ndarray, ys: np.ndarray, xs: np.ndarray, bank: list[np.ndarray], choice: np.ndarray
 ) -> None:
     """target = max(target, stamp) around each (y, x); stamps are centred."""
-    shape = target.shape
-    for y, x, k in zip(ys.tolist(), xs.tolist(), choice.tolist(), strict=True):
-        s = bank[k]
-        box = _clip_box(shape, y, x, s.shape[0], s.shape[1])
-        if box is None:
-            continue
-        sub = target[box[0]]
-        np.maximum(sub, s[box[1]], out=sub)
+    for sub, s in _stamp_regions(target, ys, xs, bank, choice):
+        np.maximum(sub, s, out=sub)
 
 
 def _stamp_blend(
@@ -458,14 +464,7 @@ def _stamp_blend(
     value: int,
 ) -> None:
     """target = target (1 - m) + value m around each point, m = float stamp in [0, 1]."""
-    shape = target.shape
-    for y, x, k in zip(ys.tolist(), xs.tolist(), choice.tolist(), strict=True):
-        s = bank[k]
-        box = _clip_box(shape, y, x, s.shape[0], s.shape[1])
-        if box is None:
-            continue
-        sub = target[box[0]]
-        m = s[box[1]]
+    for sub, m in _stamp_regions(target, ys, xs, bank, choice):
         sub[...] = np.round(sub + (value - sub.astype(np.float32)) * m).astype(target.dtype)
 
 

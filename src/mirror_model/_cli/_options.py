@@ -20,7 +20,7 @@ demo        auto                        (DemoSettings.precision, fp32)
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
 __all__ = ["PRECISIONS", "add_device_option", "add_nan_policy_option", "add_precision_option"]
 
@@ -28,43 +28,25 @@ __all__ = ["PRECISIONS", "add_device_option", "add_nan_policy_option", "add_prec
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
-def _default_text(default: str | None) -> str:
-    return "the training config's, auto" if default is None else default
+def _add(parser: Any, flag: str, default: str | None, help_text: str, **kw: Any) -> None:
+    shown = "the training config's, auto" if default is None else default
+    parser.add_argument(flag, default=default, help=f"{help_text} (default {shown})", **kw)
 
 
-def add_device_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    default: str | None = "auto",
-    purpose: str = "",
-) -> None:
+def add_device_option(parser: Any, default: str | None = "auto", purpose: str = "") -> None:
     """``--device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); ``default=None`` = the config's."""
     what = f"{purpose}: " if purpose else ""
-    parser.add_argument(
-        "--device",
-        default=default,
-        help=f"{what}auto, cpu, cuda, cuda:N (default {_default_text(default)})",
-    )
+    _add(parser, "--device", default, f"{what}auto, cpu, cuda, cuda:N")
 
 
-def add_precision_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    default: str | None = "auto",
-    purpose: str = "",
-) -> None:
+def add_precision_option(parser: Any, default: str | None = "auto", purpose: str = "") -> None:
     """``--precision`` (:data:`PRECISIONS`); ``default=None`` = the training config's."""
     what = f"{purpose}; " if purpose else ""
-    parser.add_argument(
-        "--precision",
-        default=default,
-        choices=list(PRECISIONS),
-        help=f"{what}auto = bf16 where the hardware is fast at it, else fp32 "
-        f"(default {_default_text(default)})",
-    )
+    rule = "auto = bf16 where the hardware is fast at it, else fp32"
+    _add(parser, "--precision", default, what + rule, choices=list(PRECISIONS))
 
 
-def add_nan_policy_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = "error"
-) -> None:
+def add_nan_policy_option(parser: Any, default: str | None = "error") -> None:
     """``--nan-policy`` for every command that reads an expression table
     (:data:`mirror_model.expression.NAN_POLICIES`); ``default=None`` = the run's own."""
     from ..expression import NAN_POLICIES

@@ -346,17 +346,18 @@ def _header_length(data: bytes, where: str) -> int:
     return n
 
 
-def _header(data: bytes, n: int, where: str) -> dict[str, Any]:
+def _json_object(raw: str | bytes, where: str, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, or a BundleError saying ``what`` is garbled."""
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(
-            f"{where} has a garbled header (not valid JSON: {exc}); the file is corrupted or "
+            f"{where} has a garbled {what} (not valid JSON: {exc}); the file is corrupted or "
             "not a .mirror bundle."
         ) from None
-    if not isinstance(header, dict):
-        raise BundleError(f"{where} has a garbled header (not a JSON object); file is corrupted.")
-    return header
+    if not isinstance(obj, dict):
+        raise BundleError(f"{where} has a garbled {what} (not a JSON object); file is corrupted.")
+    return obj
 
 
 def _explain_layout(header: Mapping[str, Any], data_len: int, where: str, why: str) -> BundleError:
@@ -387,7 +388,7 @@ def _read_safetensors(data: bytes, where: str) -> tuple[dict[str, Any], dict[str
     from safetensors.numpy import load as st_load
 
     n = _header_length(data, where)
-    header = _header(data, n, where)
+    header = _json_object(data[8 : 8 + n], where, "header")
     meta = header.pop("__metadata__", None) or {}
     try:
         tensors = st_load(data)
@@ -401,18 +402,6 @@ def _read_safetensors(data: bytes, where: str) -> tuple[dict[str, Any], dict[str
     if not isinstance(meta, dict):
         raise BundleError(f"{where} has garbled metadata; the file is corrupted.")
     return meta, {k: np.array(v) for k, v in tensors.items()}
-
-
-def _read_document(text: str, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BundleError(
-            f"{where}: the bundle document is not valid JSON ({exc}); the file is corrupted."
-        ) from None
-    if not isinstance(doc, dict):
-        raise BundleError(f"{where}: the bundle document is not a JSON object; file is corrupted.")
-    return doc
 
 
 def _read_folder(p: Path, where: str, h: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -432,7 +421,7 @@ def _read_folder(p: Path, where: str, h: Any) -> tuple[dict[str, Any], dict[str,
         text = doc_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{where}/{FOLDER_DOC} is not UTF-8 text; corrupted.") from None
-    return _read_document(text, f"{where}/{FOLDER_DOC}"), tensors
+    return _json_object(text, f"{where}/{FOLDER_DOC}", "bundle document"), tensors
 
 
 def _read_file(p: Path, where: str, h: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -448,7 +437,7 @@ def _read_file(p: Path, where: str, h: Any) -> tuple[dict[str, Any], dict[str, n
             f"{METADATA_KEY!r} metadata): it is plain weights, not a model bundle. Export a "
             "bundle with `mirror-train export --run RUN --out FILE.mirror`."
         )
-    return _read_document(meta[METADATA_KEY], where), tensors
+    return _json_object(meta[METADATA_KEY], where, "bundle document"), tensors
 
 
 def read_bundle_file(p: Path, where: str) -> BundleContents:

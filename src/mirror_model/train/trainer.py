@@ -685,16 +685,14 @@ def train_fold(
     config: TrainConfig,
     fold_dir: str | os.PathLike[str],
     *,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    ctx: DistContext | None = None,
-    resume: bool = False,
     progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-    stop_flag: _StopFlag | None = None,
     progress_bar: bool = False,
+    **setup: Any,
 ) -> FoldResult:
     """Train one fold; write ``best.safetensors``, ``model.json``, ``last.ckpt`` and the logs.
+
+    ``setup`` are :class:`FoldTrainer`'s keywords (``device``, ``precision``, ``ctx``,
+    ``resume``, ``should_stop``, ``stop_flag``).
 
     Raises
     ------
@@ -705,18 +703,7 @@ def train_fold(
         Non-finite loss (the message names the step and the term; ``last.ckpt`` is left as it was),
         or an incompatible checkpoint on resume.
     """
-    trainer = FoldTrainer(
-        model_config,
-        data,
-        config,
-        fold_dir,
-        device=device,
-        precision=precision,
-        ctx=ctx,
-        resume=resume,
-        should_stop=should_stop,
-        stop_flag=stop_flag,
-    )
+    trainer = FoldTrainer(model_config, data, config, fold_dir, **setup)
     return trainer.fit(progress=progress, progress_bar=progress_bar)
 
 
