@@ -82,6 +82,27 @@ def test_evaluate_and_export_and_predict_an_rna_only_run(rna_run, tmp_path):
     assert pred.risk_score is not None and np.isfinite(pred.risk_score)
     with pytest.raises(ConfigError, match="expression only"):
         predict(b, features_path=next(toy.features.glob("*.h5")), device="cpu")
+    # the plugin's expression-only run goes through the same API (no Qt here)
+    from napari_mirror._run import RunRequest, modality_sentence, run_prediction
+
+    got = run_prediction(RunRequest(bundle_path=str(out.path), expression_path=str(toy.expression),
+                                    sample_id=pid, device="cpu"))  # fmt: skip
+    assert got.prediction.risk_score == pytest.approx(pred.risk_score)
+    assert got.bundle.expression_only and modality_sentence(got.prediction.modalities).startswith(
+        "Expression only"
+    )
+    # a table on another scale than training is flagged in Prediction.warnings
+    import pandas as pd
+
+    t = pd.read_csv(toy.expression)
+    lin = t.copy()
+    lin.iloc[:, 1:] = (2.0 ** t.iloc[:, 1:]).round(0) * 100  # log-scale training, counts now
+    lin_path = tmp_path / "linear.csv"
+    lin.to_csv(lin_path, index=False)
+    warned = predict(b, expression_path=lin_path, sample_id=pid, device="cpu")
+    assert any("looks like raw counts" in w and "trained on centred" in w for w in warned.warnings), (
+        warned.warnings
+    )
 
 
 def test_expression_only_needs_an_rna_loss_and_writes_nothing(rna_run, tmp_path):
