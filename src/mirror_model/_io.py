@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "jsonable"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "jsonable", "load_tensors"]
 
 
 @contextlib.contextmanager
@@ -76,3 +76,23 @@ def jsonable(obj: Any, fallback: Callable[[Any], Any] | None = None) -> Any:
     if obj is None or isinstance(obj, (bool, int, float)):
         return obj
     return obj if fallback is None else fallback(obj)
+
+
+def load_tensors(path: Path, error: type[Exception], what: str, remedy: str) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never
+    arbitrary Python objects. A file holding anything else, or not a torch file, raises
+    ``error`` naming the file, ``what`` it is, and the ``remedy``."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "unpickling refused"
+        raise error(
+            f"{path}: refused — the {what} contains Python objects besides tensors, and loading "
+            f"it could run arbitrary code ({first}). {remedy}"
+        ) from None
+    except Exception as exc:
+        raise error(f"{path}: not a readable PyTorch {what} ({exc}).") from None

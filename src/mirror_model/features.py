@@ -389,20 +389,14 @@ def _first(*dicts: dict[str, Any], key: str) -> Any:
 
 
 def _read_pt(p: Path) -> FeatureFile:
-    import pickle
-
     import torch
 
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise FeatureFileError(
-            f"{p}: refused — the .pt file contains Python objects other than tensors, and loading it would "
-            f"run arbitrary code ({str(exc).splitlines()[0] if str(exc) else 'unpickling refused'}). "
-            "Save plain tensors (torch.save(features_tensor, path)) or use the .h5 layout."
-        ) from None
-    except Exception as exc:
-        raise FeatureFileError(f"{p}: not a readable PyTorch tensor file ({exc}).") from None
+    from ._io import load_tensors
+
+    obj = load_tensors(
+        p, FeatureFileError, ".pt file",
+        "Save plain tensors (torch.save(features_tensor, path)) or use the .h5 layout.",
+    )  # fmt: skip
     coords = None
     if isinstance(obj, dict):
         feats = obj.get("features", obj.get("feats"))

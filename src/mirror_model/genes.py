@@ -39,6 +39,14 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+
+
+def _check_version(d: Mapping[str, Any], what: str) -> None:
+    if int(d.get("version", 1)) > FORMAT_VERSION:
+        raise ConfigError(
+            f"{what} format version {d['version']} is newer than this software "
+            f"({FORMAT_VERSION}); update napari-mirror."
+        )
 _MAX_LISTED = 10
 
 
@@ -340,11 +348,7 @@ class ExpressionNormalizer:
     def from_dict(cls, d: Mapping[str, Any]) -> ExpressionNormalizer:
         """Rebuild from :meth:`to_dict`; ConfigError on malformed input."""
         try:
-            if int(d.get("version", 1)) > FORMAT_VERSION:
-                raise ConfigError(
-                    f"normaliser format version {d['version']} is newer than this "
-                    f"software ({FORMAT_VERSION}); update napari-mirror."
-                )
+            _check_version(d, "normaliser")
             mean = np.asarray(d["mean"], dtype=np.float64)
             std = np.asarray(d["std"], dtype=np.float64)
             setting = d.get("log1p_setting", "auto")
@@ -852,11 +856,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
         try:
-            if int(d.get("version", 1)) > FORMAT_VERSION:
-                raise ConfigError(
-                    f"preprocessing format version {d['version']} is newer than "
-                    f"this software ({FORMAT_VERSION}); update napari-mirror."
-                )
+            _check_version(d, "preprocessing")
             genes = [str(g) for g in d["genes"]]
             norm = ExpressionNormalizer.from_dict(d["normalizer"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -9,6 +9,7 @@ maps compact position j of sample b back to the input index ``order[b, j]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -112,15 +113,10 @@ def prepare_bag(
         )
     if n == 0 or bsz == 0:
         raise FeatureFileError("features hold no tiles (N = 0); a slide needs at least one tile.")
-    if device is not None and features.device != device:
-        raise ConfigError(
-            f"features are on {features.device} but the model is on {device}; "
-            f"move them first, e.g. features.to({str(device)!r})."
-        )
-    if not features.is_floating_point():
-        features = features.float()
-    if not bool(torch.isfinite(features).all()):
-        raise FeatureFileError("features contain NaN or infinite values; re-extract the features.")
+    features = _float_on_device(
+        features, device, "features are", "move them first, e.g. features", FeatureFileError,
+        "features contain NaN or infinite values; re-extract the features.",
+    )  # fmt: skip
 
     if tile_mask is None:
         lengths = torch.full((bsz,), n, dtype=torch.long, device=features.device)
@@ -200,15 +196,22 @@ def check_rna(rna: Tensor, n_genes: int, device: torch.device | None = None) -> 
         )
     if rna.shape[0] == 0:
         raise ExpressionError("expression input holds no samples (B = 0).")
-    if device is not None and rna.device != device:
+    return _float_on_device(
+        rna, device, "the expression input is", "move it first, e.g. rna", ExpressionError,
+        "expression input contains NaN or infinite values; impute or drop them first.",
+    )  # fmt: skip
+
+
+def _float_on_device(
+    x: Tensor, device: Any, subject: str, move: str, error: type[Exception], not_finite: str
+) -> Tensor:
+    """``x`` as floating point, checked to be on the model's ``device`` and finite."""
+    if device is not None and x.device != device:
         raise ConfigError(
-            f"the expression input is on {rna.device} but the model is on {device}; "
-            f"move it first, e.g. rna.to({str(device)!r})."
+            f"{subject} on {x.device} but the model is on {device}; {move}.to({str(device)!r})."
         )
-    if not rna.is_floating_point():
-        rna = rna.float()
-    if not bool(torch.isfinite(rna).all()):
-        raise ExpressionError(
-            "expression input contains NaN or infinite values; impute or drop them first."
-        )
-    return rna
+    if not x.is_floating_point():
+        x = x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise error(not_finite)
+    return x

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import load_tensors
 from ..errors import ConfigError
 from ._registry import register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
@@ -328,18 +329,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
             return dict(load_file(str(p), device="cpu"))
         except Exception as exc:
             raise ConfigError(f"{p}: not a readable safetensors file ({exc}).") from None
-    import pickle
-
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ConfigError(
-            f"{p}: refused — the checkpoint contains Python objects besides tensors and loading it could run "
-            f"arbitrary code ({str(exc).splitlines()[0] if str(exc) else 'unpickling refused'}). "
-            "Convert it to safetensors, or save only the state dict."
-        ) from None
-    except Exception as exc:
-        raise ConfigError(f"{p}: not a readable PyTorch checkpoint ({exc}).") from None
+    obj = load_tensors(
+        p, ConfigError, "checkpoint",
+        "Convert it to safetensors, or save only the state dict.",
+    )  # fmt: skip
     for key in ("state_dict", "model", "teacher", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
