@@ -143,3 +143,40 @@ def test_survival_gene_selection_reports_its_stability(rna_run, tmp_path):
     st = res.extra["gene_stability"]
     assert st["method"] == "cox-screen" and st["n_genes"] == [8, 8, 8]
     assert any("gene selection (cox-screen) across 3 folds" in m for m in log)
+
+
+def test_raw_input_baseline_of_an_rna_only_run(rna_run, tmp_path):
+    """evaluate --raw-inputs on an expression-only run: the raw row scores the normalised
+    genes on the run's folds; the slide input is null (no features)."""
+    from mirror_model.cli import main
+
+    root, *_ = rna_run
+    rc = main(["evaluate", str(root / "run"), "--raw-inputs", "--out", str(tmp_path / "ev"),
+               "--inputs", "slide", "rna", "--k-shots", "--probe-c", "1", "--cox-penalizer",
+               "0.05", "--cox-l1-ratio", "0.5", "--hazard-weight-decay", "0.01", "--no-report",
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    runs = json.loads((tmp_path / "ev" / "metrics.json").read_text())["runs"]
+    raw = next(v for k, v in runs.items() if k.startswith("raw"))
+    assert raw["subtype_linear"]["rna"]["auroc_macro"]["mean"] > 0.7
+    assert raw["subtype_linear"]["slide"]["auroc_macro"]["mean"] is None
+
+
+def test_cpu_estimate_warns_with_remedies(rna_run, tmp_path, monkeypatch):
+    import torch
+
+    from mirror_model.train import trainer as trainer_mod
+
+    text, hours = trainer_mod._plan_text(5, 100, 17, 3, 0.7, torch.device("cpu"))
+    assert hours == pytest.approx(5 * 100 * (17 + 0.5 * 3) * 0.7 / 3600)
+    assert "5 fold(s) x 100 epoch(s) x 17 step(s) = 8500 training steps" in text
+    assert "about 1.8 h" in text
+    # any real run past the threshold says which options shrink it
+    _, toy, cohort, _, _ = rna_run
+    monkeypatch.setattr(trainer_mod, "CPU_WARN_HOURS", 0.0)
+    log: list[str] = []
+    pretrain(cohort, toy.expression, None, tmp_path / "run", config=_cfg(epochs=1, fold=0),
+             model_overrides=TINY_MODEL, log=log.append)  # fmt: skip
+    (warn,) = [m for m in log if m.startswith("warning:")]
+    for option in ("--epochs", "--fold 0", "--tiles-per-slide", "model.embed_dim", "--device cuda"):
+        assert option in warn
