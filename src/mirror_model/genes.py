@@ -769,6 +769,14 @@ class Preprocessing:
             X[nan] = np.broadcast_to(self.fill_values, X.shape)[nan]
         return X, n if self.fill_values is not None else 0
 
+    def _listed(self, flags: np.ndarray, template: str) -> list[str]:
+        """``template`` with ``{n}`` and ``{names}`` (first genes flagged), or [] if none is."""
+        names = [g for g, f in zip(self.genes, flags, strict=True) if f]
+        if not names:
+            return []
+        shown = ", ".join(names[:_MAX_LISTED]) + (" ..." if len(names) > _MAX_LISTED else "")
+        return [template.format(n=len(names), names=shown)]
+
     def input_warnings(self, X: Any, what: str) -> list[str]:
         """Plain-language warnings about raw model-gene values ``X`` [n, n_genes] (model gene
         order): another scale than training, model genes 0 that never were in training, and
@@ -777,24 +785,13 @@ class Preprocessing:
         out = scale_warnings(X, self.scale, what)
         if self.gene_min is not None and X.shape[1] == len(self.gene_min):
             zero = np.all(X == 0, axis=0) & (self.gene_min > 0)
-            if zero.any():
-                names = [g for g, z in zip(self.genes, zero, strict=True) if z]
-                out.append(
-                    f"{what}: {len(names)} of the model's {len(self.genes)} genes are 0 "
-                    f"but never were among the training patients: {', '.join(names[:_MAX_LISTED])}"
-                    + (" ..." if len(names) > _MAX_LISTED else "")
-                    + " (absent from the assay or renamed?); their input is off-distribution."
-                )
+            out += self._listed(zero, f"{what}: {{n}} of the model's {len(self.genes)} genes "
+                                "are 0 but never were among the training patients: {names} "
+                                "(absent from the assay or renamed?); their input is off-distribution.")  # fmt: skip
         if X.shape[0] > 1:
             const = np.nanstd(X, axis=0) == 0
-            if const.any():
-                names = [g for g, c in zip(self.genes, const, strict=True) if c]
-                out.append(
-                    f"{what}: {len(names)} of the model's genes are constant across its "
-                    f"{X.shape[0]} samples: {', '.join(names[:_MAX_LISTED])}"
-                    + (" ..." if len(names) > _MAX_LISTED else "")
-                    + "."
-                )
+            out += self._listed(const, f"{what}: {{n}} of the model's genes are constant across "
+                                f"its {X.shape[0]} samples: {{names}}.")  # fmt: skip
         return out
 
     @property

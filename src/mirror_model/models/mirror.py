@@ -418,12 +418,7 @@ class MirrorModel(nn.Module):
             losses["ret_slide"] = retention_loss(ret.pred, ret.target, ret.mask)
             out.slide_retention_mask = to_input_order(ret.mask, slide.bag, fill=False)
 
-        if self.rna_retention is not None:
-            ret = self.rna_retention(
-                rna_emb, stop_gradient=cfg.retention_stop_gradient, generator=generator
-            )
-            losses["ret_rna"] = retention_loss(ret.pred, ret.target, ret.mask)
-            out.rna_retention_mask = ret.mask
+        self._rna_retention_term(out, generator)
 
         if self.style is not None:
             out.slide_style = self.style(slide_emb)
@@ -467,9 +462,7 @@ class MirrorModel(nn.Module):
                 "or weight_style > 0); use the mirror or mirror-no-clustering preset for an "
                 "expression-only cohort."
             )
-        rna = check_rna(rna, cfg.n_genes, self._param_device())
-        rna_in = rna.to(self._param_dtype()) if not torch.is_autocast_enabled() else rna
-        rna_emb = self.rna_encoder(rna_in)
+        rna_emb = self.encode_rna(rna)
         losses: dict[str, Tensor] = {}
         out = MirrorOutput(
             loss=rna_emb.new_zeros((), dtype=torch.float32),
@@ -478,12 +471,8 @@ class MirrorModel(nn.Module):
             rna_embedding=rna_emb,
             attention=None,
         )
-        if "ret_rna" in active and self.rna_retention is not None:
-            ret = self.rna_retention(
-                rna_emb, stop_gradient=cfg.retention_stop_gradient, generator=generator
-            )
-            losses["ret_rna"] = retention_loss(ret.pred, ret.target, ret.mask)
-            out.rna_retention_mask = ret.mask
+        if "ret_rna" in active:
+            self._rna_retention_term(out, generator)
         if "style" in active and self.style is not None:
             out.rna_style = self.style(rna_emb)
             losses["style"] = gaussian_kl(out.rna_style.mu, out.rna_style.logvar)
@@ -492,6 +481,18 @@ class MirrorModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ helpers
+    def _rna_retention_term(self, out: MirrorOutput, generator: torch.Generator | None) -> None:
+        """Add ``ret_rna`` (masked latent reconstruction of the RNA embedding) to ``out``."""
+        if self.rna_retention is None:
+            return
+        ret = self.rna_retention(
+            out.rna_embedding,
+            stop_gradient=self.config.retention_stop_gradient,
+            generator=generator,
+        )
+        out.losses["ret_rna"] = retention_loss(ret.pred, ret.target, ret.mask)
+        out.rna_retention_mask = ret.mask
+
     def _project(self, embedding: Tensor, head: nn.Linear | None) -> Tensor:
         if head is None:
             raise RuntimeError("this model has no alignment heads (weight_align = 0)")
