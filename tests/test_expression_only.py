@@ -180,3 +180,12 @@ def test_cpu_estimate_warns_with_remedies(rna_run, tmp_path, monkeypatch):
     (warn,) = [m for m in log if m.startswith("warning:")]
     for option in ("--epochs", "--fold 0", "--tiles-per-slide", "model.embed_dim", "--device cuda"):
         assert option in warn
+
+
+def test_a_cohort_with_slides_but_no_features_trains_the_rna_side_and_says_so(tmp_path):
+    toy = make_toy(tmp_path / "toy", n_patients=12)
+    log: list[str] = []
+    res = pretrain(toy.cohort, toy.expression, None, tmp_path / "run",
+                   config=_cfg(epochs=1, fold=0), model_overrides=TINY_MODEL, log=log.append)  # fmt: skip
+    assert res.completed and res.extra["losses"]["used"] == ["ret_rna", "style"]
+    assert any("slides are not used" in m for m in log)

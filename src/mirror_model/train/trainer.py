@@ -1096,6 +1096,11 @@ def _pretrain(
                 "expression-only cohort needs RNA retention or the style prior: use --preset "
                 "mirror or mirror-no-clustering (or give --features)."
             )
+        if coh.has_slides:
+            say(
+                f"the cohort lists {len(coh.slide_ids)} slides but no feature folder was given: "
+                "the slides are not used (give --features to train both modalities)."
+            )
         say(
             "expression-only run: the RNA encoder learns from "
             + ", ".join(_LOSS_WORDS.get(n, n) for n in used)
