@@ -19,13 +19,16 @@ CMU_SMALL_SVS = SHARED_DATA / "CMU-1-Small-Region.svs"
 os.environ.setdefault("MIRROR_NUM_THREADS", "2")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _torch_threads():
-    # Tiny tensors: one thread avoids oversubscription on 2-core CI machines.
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on 2-core CI machines (restored after
+    each test, so a test that needs more threads can set them)."""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,6 @@ from mirror_model.layers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _exact_attention(layer: NystromAttention, x: torch.Tensor) -> torch.Tensor:
     """Reference: full softmax attention with the layer's own weights (+ its value conv)."""
     b, n, _ = x.shape

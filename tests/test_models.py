@@ -18,16 +18,6 @@ from mirror_model.models import (
 )
 from mirror_model.models._common import sample_masks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SMALL = dict(
     patch_dim=12,
     n_genes=20,

@@ -671,29 +671,18 @@ class _DemoRun:
     state: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def cohort_csv(self) -> Path:
-        return self.out / "cohort.csv"
+    # the demo folder's fixed layout
+    cohort_csv: Path = field(init=False)
+    expression_csv: Path = field(init=False)
+    features_dir: Path = field(init=False)
+    run_dir: Path = field(init=False)
+    eval_dir: Path = field(init=False)
+    bundle_path: Path = field(init=False)
 
-    @property
-    def expression_csv(self) -> Path:
-        return self.out / "expression.csv"
-
-    @property
-    def features_dir(self) -> Path:
-        return self.out / "features"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.out / "run"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.out / "evaluation"
-
-    @property
-    def bundle_path(self) -> Path:
-        return self.out / "demo.mirror"
+    def __post_init__(self) -> None:
+        self.cohort_csv, self.expression_csv = self.out / "cohort.csv", self.out / "expression.csv"
+        self.features_dir, self.run_dir = self.out / "features", self.out / "run"
+        self.eval_dir, self.bundle_path = self.out / "evaluation", self.out / "demo.mirror"
 
     def done(self, stage: str) -> bool:
         return bool(self.state["stages"].get(stage, {}).get("done"))
