@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ._kinds import input_kind
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
 from .ids import match_sample, slide_stem
@@ -890,7 +891,7 @@ def _describe_attention(model: Any) -> str:
 
 def _apply_heads(bundle: Any, pred: Prediction, modalities: tuple[str, ...]) -> None:
     pred.modalities = modalities
-    kind = "both" if len(modalities) == 2 else modalities[0]
+    kind = input_kind(modalities)
     if kind not in bundle.input_kinds:
         if kind == "both":
             fallback = next((k for k in ("slide", "rna") if k in bundle.input_kinds), None)
