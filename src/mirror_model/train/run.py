@@ -269,6 +269,15 @@ def _subsample(n: int, max_tiles: int | None, seed: int) -> np.ndarray | None:
     return np.sort(rng.choice(n, size=max_tiles, replace=False))
 
 
+def _given_or_recorded(value: Any, data: dict[str, Any], key: str, what: str) -> Any:
+    """``value``, else the input the run's config.yaml records under ``data.<key>``."""
+    if value is not None:
+        return value
+    if not data.get(key):
+        raise ConfigError(f"no {what} given and the run's config.yaml records none; pass {key}=.")
+    return data[key]
+
+
 def embed_patients(
     run_dir: str | os.PathLike[str],
     fold: int,
@@ -315,12 +324,7 @@ def embed_patients(
 
     run = load_run(run_dir)
     data = run.config.get("data", {})
-    if cohort is None:
-        if not data.get("cohort"):
-            raise ConfigError(
-                "no cohort given and the run's config.yaml records none; pass cohort=."
-            )
-        cohort = data["cohort"]
+    cohort = _given_or_recorded(cohort, data, "cohort", "cohort")
     coh = cohort if isinstance(cohort, Cohort) else read_cohort(cohort)
     # an expression-only run (no feature folder recorded, no slide input to its model)
     rna_only = run_is_expression_only(run.config)
@@ -357,12 +361,7 @@ def embed_patients(
     total = len(ids) * (int(want_slide) + int(want_rna))
     done = 0
     if want_rna:
-        if expression is None:
-            if not data.get("expression"):
-                raise ConfigError(
-                    "no expression table given and config.yaml records none; pass expression=."
-                )
-            expression = data["expression"]
+        expression = _given_or_recorded(expression, data, "expression", "expression table")
         expr = (
             expression
             if hasattr(expression, "rows_for")
@@ -385,12 +384,7 @@ def embed_patients(
             else np.zeros((0, fm.model_config.embed_dim), np.float32)
         )
     if want_slide:
-        if features_dir is None:
-            if not data.get("features_dir"):
-                raise ConfigError(
-                    "no feature folder given and config.yaml records none; pass features_dir=."
-                )
-            features_dir = data["features_dir"]
+        features_dir = _given_or_recorded(features_dir, data, "features_dir", "feature folder")
         slides = {
             str(p): [str(s) for s in sl]
             for p, sl in zip(pat["patient_id"], pat["slide_ids"], strict=True)
