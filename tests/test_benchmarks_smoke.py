@@ -127,6 +127,7 @@ def test_format_table_lists_rows_and_misses() -> None:
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # runs benchmarks/run.py --tiny in a subprocess (every benchmark once)
 def test_run_py_tiny_writes_schema(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(

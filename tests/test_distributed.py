@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts several processes (torch.distributed)
+
 WORKER = Path(__file__).with_name("_dist_worker_clip.py")
 
 

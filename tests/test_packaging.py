@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh environment
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
@@ -84,6 +86,7 @@ assert str(dist.locate_file("")).startswith({str(target)!r}), dist.locate_file("
 import napari_mirror
 assert napari_mirror.__file__.startswith({str(target)!r}), napari_mirror.__file__
 from npe2 import PluginManager
+
 pm = PluginManager()
 pm.discover(include_npe1=False)
 mf = pm.get_manifest("napari-mirror")

@@ -12,6 +12,8 @@ import torch
 import yaml
 from _train_helpers import TINY_MODEL, make_toy, toy_cli_args
 
+pytestmark = pytest.mark.slow  # two training processes beside one
+
 # no dropout: the only randomness left is the (seeded, rank-independent) tile sampling
 _MODEL = {**TINY_MODEL, "slide_dropout": 0.0, "rna_dropout": 0.0}
 _ARGS = [
