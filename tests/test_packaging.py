@@ -15,24 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh environment
 
 
+def _python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--no-isolation",
-            "--outdir",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    _python("-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO))
     (whl,) = out.glob("napari_mirror-*.whl")
     return whl
 
@@ -61,22 +51,7 @@ def test_wheel_contents(wheel):
 
 def test_plugin_discovered_from_installed_wheel(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    _python("-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel))
     code = f"""
 import sys
 sys.path.insert(0, {str(target)!r})

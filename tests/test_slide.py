@@ -356,16 +356,16 @@ def test_grayscale_slide_is_named_as_such(tmp_path):
     from mirror_model.slide import make_tile_grid, open_slide
 
     img = (np.random.default_rng(0).random((1024, 1024)) * 120).astype(np.uint8)
-    p = tmp_path / "gray.tif"
-    with tifffile.TiffWriter(p) as tw:
-        tw.write(img, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
-                 photometric="minisblack")  # fmt: skip
+    def write(path, data, photometric):
+        with tifffile.TiffWriter(path) as tw:
+            tw.write(data, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                     photometric=photometric)  # fmt: skip
+        return path
+
+    p = write(tmp_path / "gray.tif", img, "minisblack")
     with open_slide(p) as s, pytest.raises(SlideError, match="single channel \\(grayscale"):
         make_tile_grid(s, target_mpp=1.0, tile_px=64)
     white = np.full((1024, 1024, 3), 250, np.uint8)
-    q = tmp_path / "white.tif"
-    with tifffile.TiffWriter(q) as tw:
-        tw.write(white, tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
-                 photometric="rgb")  # fmt: skip
+    q = write(tmp_path / "white.tif", white, "rgb")
     with open_slide(q) as s, pytest.raises(SlideError, match="no tissue found"):
         make_tile_grid(s, target_mpp=1.0, tile_px=64)
