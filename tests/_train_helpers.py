@@ -118,3 +118,11 @@ def toy_cli_args(toy: Toy) -> list[str]:
     """The ``mirror-train pretrain`` input options for the toy cohort."""
     return ["--cohort", str(toy.cohort), "--expression", str(toy.expression),
             "--features", str(toy.features)]  # fmt: skip
+
+
+def toy_config(**options):
+    """A small, fast TrainConfig for the toy cohort (CPU, fp32); ``options`` override."""
+    from mirror_model.train import TrainConfig
+
+    base = dict(batch_size=4, lr=1e-3, tiles_per_slide=16, precision="fp32", device="cpu")
+    return TrainConfig(**{**base, **options})

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from _train_helpers import make_toy, one_thread, pretrain_toy
+from _train_helpers import make_toy, pretrain_toy, toy_config
 from safetensors.torch import load_file
 
 from mirror_model.errors import Cancelled, TrainingError
-from mirror_model.train import TrainConfig
 from mirror_model.train.checkpoint import load_checkpoint
 
 _LOSS_KEYS = (
@@ -29,26 +28,10 @@ _LOSS_KEYS = (
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread  # the fixture is used through pytestmark
-
-
 def _cfg(**kw):
-    base = dict(
-        epochs=3,
-        batch_size=4,
-        lr=1e-3,
-        tiles_per_slide=16,
-        folds=1,
-        inner_val_fraction=0.15,
-        precision="fp32",
-        device="cpu",
-        seed=5,
-        schedule="cosine",
-        warmup_epochs=0.5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    options = dict(epochs=3, folds=1, inner_val_fraction=0.15, seed=5, schedule="cosine",
+                   warmup_epochs=0.5)  # fmt: skip
+    return toy_config(**{**options, **kw})
 
 
 def _rows(run):

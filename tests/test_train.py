@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _train_helpers import TINY_MODEL, make_toy, one_thread, pretrain_toy, toy_cli_args, write_h5
+from _train_helpers import (
+    TINY_MODEL,
+    make_toy,
+    pretrain_toy,
+    toy_cli_args,
+    toy_config,
+    write_h5,
+)
 
 from mirror_model.cli import main as cli_main
 from mirror_model.errors import CohortError, ExpressionError, FeatureFileError, TrainingError
 from mirror_model.train import (
-    TrainConfig,
     embed_patients,
     load_fold_model,
     load_run,
@@ -24,24 +30,9 @@ from mirror_model.train import trainer as trainer_mod
 from mirror_model.train.checkpoint import load_checkpoint
 from mirror_model.train.splits import patient_subtypes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread  # the fixture is used through pytestmark
-
 
 def _cfg(**kw):
-    base = dict(
-        epochs=2,
-        batch_size=4,
-        lr=1e-3,
-        tiles_per_slide=16,
-        folds=3,
-        fold=0,
-        precision="fp32",
-        device="cpu",
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return toy_config(**{**dict(epochs=2, folds=3, fold=0, seed=0), **kw})
 
 
 @pytest.fixture(scope="module")

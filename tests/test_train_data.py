@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _train_helpers import one_thread, write_h5
+from _train_helpers import write_h5
 
 from mirror_model.errors import FeatureFileError
 from mirror_model.train.data import (
@@ -16,9 +16,6 @@ from mirror_model.train.data import (
     sample_tile_indices,
     step_generator,
 )
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread  # the fixture is used through pytestmark
 
 
 def test_sampling_never_repeats_a_tile():
