@@ -31,22 +31,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-px", type=int, default=None, help="encoder input size (TorchScript encoders)"
     )
-    parser.add_argument(
-        "--mean",
-        type=float,
-        nargs=3,
-        default=None,
-        metavar=("R", "G", "B"),
-        help="normalisation mean (TorchScript encoders; default ImageNet)",
-    )
-    parser.add_argument(
-        "--std",
-        type=float,
-        nargs=3,
-        default=None,
-        metavar=("R", "G", "B"),
-        help="normalisation std (TorchScript encoders; default ImageNet)",
-    )
+    for stat in ("mean", "std"):
+        parser.add_argument(
+            f"--{stat}",
+            type=float,
+            nargs=3,
+            default=None,
+            metavar=("R", "G", "B"),
+            help=f"normalisation {stat} (TorchScript encoders; default ImageNet)",
+        )
     parser.add_argument(
         "--mpp",
         type=float,
