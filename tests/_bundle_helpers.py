@@ -9,6 +9,7 @@ result is an in-memory :class:`~mirror_model.bundle.Bundle` plus the same bundle
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +151,19 @@ def build_case(root: Path) -> BundleCase:
         genes=genes,
         classes=classes,
     )
+
+
+def absolute_paths(obj, where="document"):
+    """Every string in a bundle document that is an absolute path (or holds one), with where
+    it sits; numeric arrays are skipped. For the shipped-bundle test too."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found += absolute_paths(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += absolute_paths(v, f"{where}[{i}]")
+    elif isinstance(obj, str):
+        if os.path.isabs(obj) or any(p in obj for p in ("/tmp/", "/home/", "/root/", "/work/", ":\\")):
+            found.append((where, obj))
+    return found

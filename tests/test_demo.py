@@ -95,8 +95,17 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     b = load_bundle(out / "demo.mirror")
     assert b.input_kinds == ("slide", "rna", "both")
     assert b.metrics["heatmap"]["n_slides"] == m["heatmap"]["n_slides"]
-    # a shipped bundle names its metrics file, not the folder it was built in
+    # a shipped bundle names its metrics file, not the folder it was built in, and records no
+    # other path of this machine either; it says it is a synthetic-data model
     assert b.metrics["source"] == "metrics.json"
+    from _bundle_helpers import absolute_paths
+
+    from mirror_model.bundle import SYNTHETIC_INTENDED_USE
+
+    assert absolute_paths(b.document) == []
+    assert b.document["training"]["run"] == b.document["source"]["run"] == "run"
+    assert b.provenance.synthetic and b.provenance.intended_use == SYNTHETIC_INTENDED_USE
+    assert b.provenance.survival_time_unit == "months"
     assert (tmp_path / "copy.mirror").read_bytes() == (out / "demo.mirror").read_bytes()
     assert res.headline["tumour_auroc"] == m["heatmap"]["tumour_auroc"]
     # resumable: a second run skips every finished stage

@@ -61,6 +61,7 @@ __all__ = [
     "STAGES",
     "DemoResult",
     "DemoSettings",
+    "demo_provenance",
     "SampleCase",
     "heatmap_tumour_auroc",
     "make_sample_case",
@@ -777,6 +778,23 @@ def _heatmap_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
     return {}
 
 
+def demo_provenance(s: DemoSettings) -> dict[str, Any]:
+    """What the demo bundle says about itself: a synthetic cohort, not for patient material."""
+    from .bundle import SYNTHETIC_INTENDED_USE
+
+    return {
+        "name": "MIRROR demo model (synthetic data)",
+        "training_data": (
+            f"synthetic cohort from mirror_model.synth (seed {s.seed}): {s.n_patients} "
+            f"generated patients with one generated slide each ({s.slide_px}² px at "
+            f"{s.slide_mpp} µm/px), {s.n_genes} generated genes, 3 subtypes; no real patient data"
+        ),
+        "intended_use": SYNTHETIC_INTENDED_USE,
+        "synthetic": True,
+        "survival_time_unit": "months",
+    }
+
+
 def _export_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
     """``DIR/demo.mirror``: the fold-0 model with its heads and the demo's metrics."""
     from .evaluation.export import export_bundle
@@ -788,6 +806,7 @@ def _export_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
         fold=0,
         metrics_path=r.out / "metrics.json",
         device="cpu",
+        provenance=demo_provenance(r.settings),
         progress=progress,
         should_stop=r.should_stop,
     )

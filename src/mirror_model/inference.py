@@ -120,6 +120,10 @@ class Prediction:
         ``[D]`` float32 embeddings (before the alignment heads).
     bundle_sha256, bundle_name : str
         Identify the exact model.
+    provenance : dict
+        The model's name, training data, date and intended use
+        (:class:`~mirror_model.bundle.ModelProvenance` as a dict); it goes into
+        :meth:`to_dict` and :meth:`to_geojson`.
     device, precision : str
         Where and how the model ran.
     timings_s : dict[str, float]
@@ -157,6 +161,7 @@ class Prediction:
     rna_embedding: np.ndarray | None = None
     bundle_sha256: str = ""
     bundle_name: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     precision: str = "fp32"
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -261,7 +266,9 @@ class Prediction:
                     },
                 }
             )
-        return {"type": "FeatureCollection", "features": features}
+        # A foreign member (RFC 7946 §6.1) that QuPath ignores: which model made these values.
+        model = {"bundle": self.bundle_name, "bundle_sha256": self.bundle_sha256, **self.provenance}
+        return {"type": "FeatureCollection", "features": features, "properties": {"model": model}}
 
     def write_geojson(self, path: str | os.PathLike[str], object_type: str = "tile") -> Path:
         """Write :meth:`to_geojson` (atomically; QuPath imports it by drag and drop)."""
@@ -317,6 +324,7 @@ class Prediction:
             "model": {
                 "bundle": self.bundle_name,
                 "bundle_sha256": self.bundle_sha256,
+                "provenance": dict(self.provenance),
                 "device": self.device,
                 "precision": self.precision,
             },
@@ -461,7 +469,7 @@ def predict(
         When ``should_stop()`` returned True.
     """
     from ._device import resolve_device, resolve_precision
-    from .bundle import Bundle, load_bundle
+    from .bundle import SYNTHETIC_WARNING, Bundle, load_bundle
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
@@ -479,9 +487,12 @@ def predict(
         expression_path=None if expression_path is None else str(expression_path),
         bundle_sha256=bundle.sha256,
         bundle_name=bundle.name,
+        provenance=bundle.provenance.to_dict(),
         device=str(dev),
         precision=prec,
     )
+    if bundle.provenance.synthetic:
+        pred.warnings.append(SYNTHETIC_WARNING)
     run = _Run(bundle, _model_on(bundle, dev), dev, prec, timer, progress, should_stop)
     modalities: list[str] = []
     # expression first: it is fast, and a bad table should fail before a long extraction

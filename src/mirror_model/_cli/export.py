@@ -38,7 +38,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the heads' inner cross-validation"
     )
+    prov = parser.add_argument_group(
+        "provenance", "what every prediction of the bundle shows about the model (plugin, reports)"
+    )
+    prov.add_argument("--name", default=None, help="display name of the model (default: the file name)")
+    prov.add_argument(
+        "--training-data",
+        default=None,
+        help="what the model was trained on, in words (default: patients, slides and subtypes of the run)",
+    )
+    prov.add_argument(
+        "--intended-use",
+        default=None,
+        help="what the model may be used for (default: none stated; the plugin then warns)",
+    )
+    prov.add_argument(
+        "--time-unit",
+        default=None,
+        help="unit of the cohort's survival times, e.g. months or days (default: not recorded)",
+    )
+    prov.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the model was trained on synthetic data (the plugin shows a not-for-patients banner)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, print only the path")
+
+
+def _provenance(args: argparse.Namespace) -> dict:
+    given = {
+        "name": args.name,
+        "training_data": args.training_data,
+        "intended_use": args.intended_use,
+        "survival_time_unit": args.time_unit,
+    }
+    out = {k: v for k, v in given.items() if v is not None}
+    if args.synthetic:
+        out["synthetic"] = True
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_path=args.metrics,
             device=args.device,
             seed=args.seed,
+            provenance=_provenance(args),
             progress=bar,
         )
     if args.quiet:

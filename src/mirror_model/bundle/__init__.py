@@ -14,6 +14,7 @@ Parts
 -----
 - :mod:`._format` — the file format: document schema (:func:`build_document`), tensors,
   safetensors container, integrity and version checks. Bytes and JSON only.
+- :mod:`._provenance` — :class:`ModelProvenance`: name, training data, date, intended use.
 - :mod:`._bundle` — the :class:`Bundle` view (model, preprocessing, heads built once) and
   :func:`load_bundle` / :func:`save_bundle`.
 - Making a bundle from a pretraining run is training-side work and lives in
@@ -29,14 +30,18 @@ from typing import Any
 from .._kinds import INPUT_KINDS
 from ._bundle import Bundle, default_bundle_path, headline_metrics, load_bundle, save_bundle
 from ._format import BUNDLE_SUFFIX, FORMAT_NAME, FORMAT_VERSION, build_document
+from ._provenance import SYNTHETIC_INTENDED_USE, SYNTHETIC_WARNING, ModelProvenance
 
 __all__ = [
     "BUNDLE_SUFFIX",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "INPUT_KINDS",
+    "SYNTHETIC_INTENDED_USE",
+    "SYNTHETIC_WARNING",
     "Bundle",
     "ExportResult",
+    "ModelProvenance",
     "build_document",
     "default_bundle_path",
     "export_bundle",

@@ -18,6 +18,7 @@ import numpy as np
 from .._kinds import INPUT_KINDS
 from ..errors import BundleError
 from ._format import read_bundle_file, short_list, write_bundle_file
+from ._provenance import ModelProvenance
 
 
 def default_bundle_path() -> Path:
@@ -143,6 +144,14 @@ class Bundle:
     @property
     def package_version(self) -> str:
         return str(self.document.get("package_version", ""))
+
+    @property
+    def provenance(self) -> ModelProvenance:
+        """Name, training data, date and intended use of the model (what every prediction
+        shows; for bundles written before they were recorded, what the document implies)."""
+        if "provenance" not in self._cache:
+            self._cache["provenance"] = ModelProvenance.from_document(self.document, self.name)
+        return self._cache["provenance"]
 
     def risk_cutoff(self, kind: str) -> float | None:
         """Risk score at or above which a patient is in the ``"high"`` group (None: no head)."""
@@ -290,6 +299,7 @@ class Bundle:
     def validate(self) -> Bundle:
         """Build every part once (model, preprocessing, heads); raises BundleError if broken."""
         _ = self.model
+        ModelProvenance.check(self.document.get("provenance") or {}, f"{self._where()}: provenance")
         if self.has_rna_encoder and self.preprocessing is None:
             raise BundleError(
                 f"{self._where()}: the bundle has RNA heads but no expression preprocessing "
@@ -352,6 +362,9 @@ class Bundle:
         headline = _headline_text(self.metrics)
         if headline:
             lines.append(f"  validation    {headline}")
+        prov = self.provenance
+        lines.append(f"  training data {prov.training_data}")
+        lines.append(f"  intended use  {prov.intended_use or '(not stated)'}")
         return "\n".join(lines)
 
     def _where(self) -> str:

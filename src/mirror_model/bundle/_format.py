@@ -93,13 +93,17 @@ def build_document(
     training: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     n_parameters: int | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the bundle's JSON document (numpy arrays allowed anywhere; see module doc).
 
     ``config`` is a ModelConfig (or its ``to_dict()``); ``heads[kind][task]`` are head dicts
     (``LinearProbe.to_dict()`` / ``CoxHead.to_dict()``) or objects with ``to_dict()``.
+    ``provenance`` holds ``name``, ``training_data``, ``intended_use``, ``synthetic`` and
+    ``survival_time_unit`` (:class:`~mirror_model.bundle.ModelProvenance`; none is required).
     """
     from .. import __version__
+    from ._provenance import ModelProvenance
 
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     unknown = set(heads) - set(INPUT_KINDS)
@@ -140,6 +144,7 @@ def build_document(
         "metrics": dict(metrics or {}),
         "training": dict(training or {}),
         "source": dict(source or {}),
+        "provenance": ModelProvenance.check(provenance or {}),
     }
 
 

@@ -300,6 +300,18 @@ def _tiling(run_path: Path, enc: Mapping[str, Any], attrs: Mapping[str, Any]) ->
     return tiling
 
 
+def _provenance(
+    given: Mapping[str, Any] | None, out: str | os.PathLike[str], training: Mapping[str, Any]
+) -> dict[str, Any]:
+    from ..bundle._provenance import ModelProvenance, describe_training
+
+    part = ModelProvenance.check(dict(given or {}), "export_bundle(provenance=...)")
+    part.setdefault("name", Path(out).stem)
+    part.setdefault("synthetic", False)
+    part.setdefault("training_data", describe_training(training, part["synthetic"]))
+    return part
+
+
 def export_bundle(
     run_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -308,6 +320,7 @@ def export_bundle(
     metrics_path: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     seed: int = 0,
+    provenance: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> ExportResult:
@@ -332,6 +345,12 @@ def export_bundle(
     metrics_path : an evaluate ``metrics.json`` (default: looked for in ``run_dir``).
     device : where to embed the patients.
     seed : seed of the heads' inner cross-validation.
+    provenance : what every prediction of the bundle will show about the model: ``name``
+        (default: the output file's stem), ``training_data`` (default: the patients, slides
+        and subtypes of the run, in words), ``intended_use`` (default: none stated, which the
+        plugin flags), ``synthetic`` (default False) and ``survival_time_unit`` (e.g.
+        ``"months"``; default: not recorded). The bundle records no path of this machine:
+        the run is named by its folder name only.
     """
     from ..train.run import embed_patients, load_fold_model, run_is_expression_only
 
@@ -389,7 +408,8 @@ def export_bundle(
         else _encoder_spec(enc)
     )
     training = {
-        "run": str(run_path.resolve()),
+        # the folder's name only: a bundle never records a path of the machine that built it
+        "run": run_path.resolve().name,
         "fold": fold,
         "n_patients": len(emb.patient_ids),
         "n_slides": _n_slides(data),
@@ -421,8 +441,9 @@ def export_bundle(
         reference_cohort={k: kh.reference for k, kh in per_kind.items() if kh.reference},
         metrics=metrics,
         training=training,
-        source={"run": str(run_path.resolve()), "fold": fold, "notes": notes},
+        source={"run": run_path.resolve().name, "fold": fold, "notes": notes},
         n_parameters=int(sum(p.numel() for p in fm.model.parameters())),
+        provenance=_provenance(provenance, out, training),
     )
     doc["tiling"].update(tiling)
     state = {k: v.detach().cpu() for k, v in fm.model.state_dict().items()}
