@@ -83,12 +83,12 @@ def test_evaluate_and_export_and_predict_an_rna_only_run(rna_run, tmp_path):
     with pytest.raises(ConfigError, match="expression only"):
         predict(b, features_path=next(toy.features.glob("*.h5")), device="cpu")
     # the plugin's expression-only run goes through the same API (no Qt here)
-    from napari_mirror._run import RunRequest, modality_sentence, run_prediction
+    from napari_mirror._run import RunRequest, input_sentence, run_prediction
 
     got = run_prediction(RunRequest(bundle_path=str(out.path), expression_path=str(toy.expression),
                                     sample_id=pid, device="cpu"))  # fmt: skip
     assert got.prediction.risk_score == pytest.approx(pred.risk_score)
-    assert got.bundle.expression_only and modality_sentence(got.prediction.modalities).startswith(
+    assert got.bundle.expression_only and input_sentence(got.prediction.input_kind).startswith(
         "Expression only"
     )
     # a table on another scale than training is flagged in Prediction.warnings

@@ -20,9 +20,7 @@ def pyramid_tiff(tmp_path_factory):
 def test_reader_claims_only_openable_slides(tmp_path, pyramid_tiff):
     assert napari_get_reader(str(pyramid_tiff[0])) is not None
     (tmp_path / "notes.txt").write_text("hello")
-    (tmp_path / "broken.svs").write_bytes(b"not a slide at all")
     assert napari_get_reader(str(tmp_path / "notes.txt")) is None
-    assert napari_get_reader(str(tmp_path / "broken.svs")) is None
     assert napari_get_reader(str(tmp_path / "missing.ndpi")) is None
     # A plain TIFF without resolution metadata is left to napari's own reader.
     import tifffile
@@ -59,6 +57,66 @@ def test_pyramid_layer_data_is_lazy_and_exact(pyramid_tiff):
     assert meta["kind"] == "slide" and meta["mpp"] == 0.5
     assert meta["dimensions_level0"] == [4096, 3072]
     assert meta["level_downsamples"] == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_broken_slide_gets_the_plugins_own_message(tmp_path):
+    """Slide-only formats are always claimed, so a file that cannot be opened is explained by
+    this plugin (file name, reason) instead of napari's generic refusal and a traceback."""
+    from _plugin_helpers import NotificationRecorder
+
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide at all")
+    reader = napari_get_reader(str(broken))
+    assert reader is not None
+    with NotificationRecorder() as rec:
+        assert reader(str(broken)) == [(None,)]  # napari's "claimed, nothing to add"
+    (msg,) = rec.errors()
+    assert msg.startswith("MIRROR could not open broken.svs: ") and "Traceback" not in msg
+
+
+@pytest.mark.gui
+def test_slides_open_without_choose_reader_once_preferred(make_napari_viewer, cmu_small_svs, tmp_path):
+    """napari asks "Choose reader" when several readers match and no preference is set (its
+    built-in reader matches *.svs too). The panel's checkbox sets the preference once; then a
+    dropped slide opens with this plugin, and a broken one gets this plugin's message."""
+    from _plugin_helpers import NotificationRecorder
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    from napari_mirror._reader import set_slide_reader_preference, slide_reader_preference
+
+    settings = get_settings().plugins
+    saved = dict(settings.extension2reader)
+    try:
+        settings.extension2reader = {}
+        viewer = make_napari_viewer()
+        # File > Open and drag-and-drop call viewer.open(..., plugin=None) (QtViewer._qt_open);
+        # this error is what makes napari show "Choose reader"
+        with pytest.raises(MultipleReaderError):
+            viewer.open(str(cmu_small_svs), plugin=None)
+        from napari_mirror._widget import MirrorWidget
+
+        widget = MirrorWidget(viewer)
+        assert not widget.reader_pref.isChecked()
+        widget.reader_pref.setChecked(True)  # the panel's one click
+        assert set(slide_reader_preference().values()) == {"napari-mirror"}
+        assert settings.extension2reader["*.svs"] == "napari-mirror"
+        (layer,) = viewer.open(str(cmu_small_svs), plugin=None)  # the preference decides
+        assert layer.metadata[METADATA_KEY]["kind"] == "slide"
+        broken = tmp_path / "broken.ndpi"
+        broken.write_bytes(b"\x00" * 100)
+        with NotificationRecorder() as rec:
+            assert viewer.open(str(broken), plugin=None) == []  # no generic error, no dialog
+        assert len(rec.errors()) == 1 and "broken.ndpi" in rec.errors()[0]
+        # a pattern the user gave to another reader is left alone; unticking removes ours
+        settings.extension2reader = {**settings.extension2reader, "*.scn": "napari"}
+        widget.reader_pref.setChecked(False)
+        assert settings.extension2reader == {"*.scn": "napari"}
+        assert set_slide_reader_preference(True) == [
+            p for p in slide_reader_preference() if p != "*.scn"
+        ]
+    finally:
+        settings.extension2reader = saved
 
 
 @pytest.mark.gui

@@ -1,5 +1,6 @@
 """The MIRROR widget in a real napari viewer (Xvfb): full runs on the demo sample, the heatmap's
-alignment with the slide, the panel's numbers, exports, errors and cancellation."""
+alignment with the slide, the map selector, the panel's numbers and model card, colour bar and
+scale bar, exports, errors (with their details), cancellation and the 400-px layout."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from _plugin_helpers import (
 )
 
 from napari_mirror._layers import METADATA_KEY
+from napari_mirror._panel import format_percentile, format_probability
+from napari_mirror._qt._form import NO_SLIDE
 from napari_mirror._run import RunRequest, clear_bundle_cache, run_prediction
 
 pytestmark = pytest.mark.gui
@@ -130,7 +133,7 @@ def test_widget_opens_from_plugin_menu(make_napari_viewer):
     viewer = make_napari_viewer()
     dock, widget = viewer.window.add_plugin_dock_widget("napari-mirror", "MIRROR")
     assert type(widget).__name__ == "MirrorWidget"
-    assert widget.slide_combo.currentText() == "(no slide: expression only)"
+    assert widget.form.slide.value == NO_SLIDE
 
 
 # ----------------------------------------------------------------------------------- sample data
@@ -139,9 +142,9 @@ def test_sample_data_carries_expression_and_fills_the_widget(make_napari_viewer,
     meta = layer.metadata[METADATA_KEY]
     assert meta["kind"] == "slide" and meta["sample_id"] == demo_case.sample_id
     assert meta["expression_path"] == str(demo_case.expression_path.resolve())
-    assert widget.slide_combo.currentText() == layer.name
-    assert widget.expression_edit.text() == meta["expression_path"]
-    assert widget.sample_combo.currentText() == demo_case.sample_id
+    assert widget.form.slide.value == layer.name
+    assert widget.form.path_text(widget.form.expression) == meta["expression_path"]
+    assert widget.form.sample.value == demo_case.sample_id
     req = widget.current_request()
     assert req.slide_path == meta["slide_path"] and req.sample_id == demo_case.sample_id
 
@@ -183,18 +186,32 @@ def test_full_run_heatmap_panel_exports_and_screenshot(
     np.testing.assert_array_equal(pred.coords_level0, ref.coords_level0)
     assert pred.risk_score == pytest.approx(ref.risk_score, rel=1e-4, abs=1e-6)
     shown = widget.results.shown
-    from napari_mirror._qt._results import format_number, ordinal
+    from napari_mirror._panel import format_number
 
     assert shown["risk_score"] == format_number(ref.risk_score, 4)
-    assert shown["risk_percentile"] == ordinal(ref.risk_percentile)
+    assert shown["risk_percentile"] == format_percentile(ref.risk_percentile)
     assert shown["risk_group"] == str(ref.risk_group)
     assert shown["predicted_subtype"] == str(ref.predicted_subtype)
     for name, p in ref.subtype_probabilities.items():
-        assert shown[f"p[{name}]"] == f"{100 * p:.1f}%"
+        assert shown[f"p[{name}]"] == format_probability(p)
     assert (
         "Slide + expression" if bundle.has_rna else "Slide only"
     ) in widget.results.summary_text()
     assert shown["km_groups"]  # the reference cohort's curves were drawn
+    assert widget.status_label.text().endswith(f"Done in {res.seconds:.1f} s.")
+    # the model says where it comes from, at the top of the results
+    prov = res.bundle.provenance
+    assert prov.name in widget.results.model_text() and prov.intended_use in widget.results.model_text()
+    if prov.synthetic:  # the embedded demo bundle
+        assert widget.model_view.banner.isVisible()
+        assert "Not for patient material" in widget.results.banner_text()
+        assert "Not for patient material" not in widget.results.summary_text()  # said once
+    # napari's colour bar on the map layer, its label beside it, a scale bar in µm
+    heat = widget.heatmap_layer
+    assert heat.colorbar.visible and viewer.scale_bar.visible
+    label = viewer.text_overlay.text
+    assert viewer.text_overlay.visible and label == heat.metadata["mirror"]["colorbar_label"]
+    assert pred.maps[widget.selected_map_name].label in label and "percentile" in label
 
     # Heatmap layer: one cell per tile, aligned with the slide's level-0 pixels (µm).
     heat = widget.heatmap_layer
@@ -270,11 +287,15 @@ def test_full_run_heatmap_panel_exports_and_screenshot(
     ring = fc["features"][0]["geometry"]["coordinates"][0]
     x, y = coords[0]
     assert ring == [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
-    assert fc["features"][0]["properties"]["measurements"]["MIRROR attention"] == pytest.approx(
+    assert fc["features"][0]["properties"]["measurements"]["attention"] == pytest.approx(
         pred.attention[0]
     )
+    assert fc["properties"]["model"]["name"] == prov.name
+    assert fc["properties"]["selected_map"] == widget.selected_map_name
     lines = widget.export_csv(tmp_path / "tiles.csv").read_text().splitlines()
-    assert len(lines) == len(coords) + 1
+    comments = [x for x in lines if x.startswith("#")]
+    assert len(lines) == len(coords) + 1 + len(comments)
+    assert f"# intended use: {prov.intended_use}" in comments
     png = widget.export_png(tmp_path / "view.png")
     import matplotlib.image as mpimg
 
@@ -283,6 +304,9 @@ def test_full_run_heatmap_panel_exports_and_screenshot(
     assert rep["bundle"]["sha256"] == pred.bundle_sha256 == res.bundle.sha256
     assert rep["inputs"]["sample_id"] == (demo_case.sample_id if bundle.has_rna else None)
     assert rep["outputs"]["survival"]["risk_score"] == pytest.approx(pred.risk_score)
+    assert rep["model"]["training_data"] == prov.training_data
+    if prov.synthetic:
+        assert rep["warnings"][0] == prov.warning
 
     # Display controls act on the heatmap layer.
     widget.colormap_combo.setCurrentText("viridis")
@@ -316,19 +340,20 @@ def test_slide_only_run_from_feature_file(
 
     # Running again replaces this slide's result layers (same names, no duplicates).
     names = [layer.name for layer in viewer.layers]
-    assert names == [slide.name, f"{slide.name} attention", f"{slide.name} top tiles"]
+    assert names == [slide.name, f"{slide.name} heatmap", f"{slide.name} top tiles"]
     widget.run()
     wait_for_run(qtbot, widget)
     assert [layer.name for layer in viewer.layers] == names
-    assert widget.heatmap_layer is not heat and heat not in viewer.layers
+    # updated in place (removing a napari layer costs a full garbage collection)
+    assert widget.heatmap_layer is heat and widget.last_result.prediction is not pred
 
     # The number of marked tiles follows the spin box; the list matches the layer.
     widget.topk_spin.setValue(3)
     assert len(widget.top_tiles_layer.data) == 3 and widget.top_list.count() == 3
     assert [layer.name for layer in viewer.layers] == names
     best = int(np.argmax(pred.attention))
-    assert widget.top_list.item(0).text().startswith(
-        f"#1  x={pred.coords_level0[best, 0]}, y={pred.coords_level0[best, 1]}"
+    assert widget.top_list.item(0).text() == (
+        f"#1   100th percentile   (x {pred.coords_level0[best, 0]}, y {pred.coords_level0[best, 1]})"
     )
 
 
@@ -367,9 +392,9 @@ def test_slide_without_resolution_opens_at_the_panels_mpp_and_runs(
     assert widget.open_slide_file(str(bare)) is None
     assert len(viewer.layers) == 0
     assert "µm per pixel is unknown" in widget.status_label.text()
-    assert "Set 'µm per pixel' in this panel" in widget.status_label.text()
+    assert "Set µm/px in this panel" in widget.status_label.text()
 
-    widget.mpp_spin.setValue(0.5)
+    widget.set_mpp(0.5)
     layer = widget.open_slide_file(str(bare))
     assert layer is not None and widget.selected_slide_layer() is layer
     assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
@@ -392,7 +417,7 @@ def test_rna_only_run_says_so_and_draws_no_heatmap(make_napari_viewer, qtbot, bu
         pytest.skip("the bundle under test has no RNA heads")
     viewer, widget, slide = _viewer_with_sample(make_napari_viewer, bundle)
     n_layers = len(viewer.layers)
-    widget.slide_combo.setCurrentText("(no slide: expression only)")
+    widget.form.slide.value = NO_SLIDE
     widget.set_expression_file(demo_case.expression_path, sample_id=demo_case.sample_id)
     widget.run()
     wait_for_run(qtbot, widget)
@@ -401,7 +426,9 @@ def test_rna_only_run_says_so_and_draws_no_heatmap(make_napari_viewer, qtbot, bu
     assert "Expression only" in widget.results.summary_text()
     assert widget.heatmap_layer is None and len(viewer.layers) == n_layers
     assert not widget.export_buttons["geojson"].isEnabled()
+    assert not widget.heatmap_section.isEnabled() and widget.map_names() == []
     assert widget.results.shown["risk_group"] in ("low", "high")
+    assert "No heatmap (no slide input)" in widget.status_label.text()
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -516,14 +543,146 @@ def test_cancel_mid_run_keeps_previous_result(
     names = [layer.name for layer in viewer.layers]
     data = heat.data.copy()
 
-    widget.set_features_file(None)  # now a real extraction, cancelled at its first report
-    seen = []
-    widget._bridge.progressed.connect(lambda d, t, s: (seen.append(s), widget.cancel()))
+    widget.set_features_file(None)  # now a real extraction, cancelled while it encodes tiles
     with NotificationRecorder() as rec:
         widget.run()
+        # progress reaches the panel while it runs
+        qtbot.waitUntil(lambda: "encoding" in widget.status_label.text(), timeout=60_000)
+        assert widget.job is not None and not widget.job.finished
+        widget.cancel()
         wait_for_run(qtbot, widget)
-    assert seen  # progress reached the GUI thread while it ran
     assert any("cancelled" in m for m in rec.infos()) and rec.errors() == []
     assert widget.last_result is first and widget.heatmap_layer is heat
     assert [layer.name for layer in viewer.layers] == names
     np.testing.assert_array_equal(heat.data, data)
+
+
+# ----------------------------------------------------------------------------------- maps
+def _with_signed_map(result):
+    """The same result with one more map: a signed one (centred attention), so the selector has
+    an unsigned and a signed map whatever maps the bundle's predictions carry."""
+    import dataclasses
+
+    from mirror_model import TileMap
+
+    pred = result.prediction
+    att = pred.maps["attention"].values
+    extra = TileMap("subtype:test", att - np.median(att), "Evidence for test", "Positive = for test.",
+                    True, "test", "logit")  # fmt: skip
+    pred = dataclasses.replace(pred, maps={**pred.maps, "subtype:test": extra},
+                               warnings=[*pred.warnings, "a warning from the prediction"])  # fmt: skip
+    return dataclasses.replace(result, prediction=pred)
+
+
+def test_map_selector_drives_heatmap_top_tiles_and_exports(
+    make_napari_viewer, qtbot, bundle, demo_case, demo_features, tmp_path
+):
+    viewer, widget, slide = _viewer_with_sample(make_napari_viewer, bundle)
+    widget.set_expression_file(None)
+    widget.set_features_file(demo_features)
+    widget.topk_spin.setValue(4)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert widget.last_error is None
+    result = _with_signed_map(widget.last_result)
+    widget.show_result(result)  # what the run shows, computed here on the GUI thread
+    pred = result.prediction
+    assert widget.map_names() == list(pred.maps)
+    assert "a warning from the prediction" in widget.results.summary_text()
+    heat = widget.heatmap_layer
+    coords, size = np.asarray(pred.coords_level0), int(pred.tile_size_level0)
+    x0, y0 = coords.min(0)
+    rows, cols = (coords[:, 1] - y0) // size, (coords[:, 0] - x0) // size
+    for name in widget.map_names():
+        widget.select_map(name)
+        m = pred.maps[name]
+        assert widget.selected_map_name == name and widget.heatmap_layer is heat
+        np.testing.assert_allclose(heat.data[rows, cols], m.values, rtol=1e-5, atol=1e-12)
+        lo, hi = heat.contrast_limits
+        if m.signed:  # diverging colours centred on 0
+            assert lo == pytest.approx(-hi) and heat.colormap.name == "RdBu_r"
+        else:
+            assert heat.colormap.name == "inferno"
+        assert __import__("html").escape(m.description[:40]) in widget.map_description.text()
+        assert viewer.text_overlay.text.startswith(m.label)
+        best = int(np.argmax(m.values))
+        assert widget._top[0].index == best and widget.top_list.count() == 4
+        assert widget.top_list.item(0).text().startswith("#1   100th percentile")
+        np.testing.assert_array_equal(
+            widget.top_tiles_layer.features["rank"], [1, 2, 3, 4]
+        )
+        assert widget.top_tiles_layer.metadata["mirror"]["map_name"] == name
+        rep = json.loads(widget.export_report(tmp_path / f"{name}.json").read_text().replace("NaN", "null"))
+        assert rep["selected_map"] == name == rep["inputs"]["display"]["map"]
+    # hiding the map layer hides its colour-bar label too
+    heat.visible = False
+    assert not viewer.text_overlay.visible
+    heat.visible = True
+    assert viewer.text_overlay.visible
+
+
+# ----------------------------------------------------------------------------------- layout
+def test_panel_fits_a_400px_dock_and_sections_collapse(make_napari_viewer, qtbot, bundle, demo_features):
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QWidget
+    from superqt import QCollapsible
+
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer, bundle, show=True)
+    widget.set_expression_file(None)
+    widget.set_features_file(demo_features)
+    widget.run()
+    wait_for_run(qtbot, widget)
+    dock = widget.parent()
+    while dock is not None and not hasattr(dock, "setFloating"):
+        dock = dock.parent()
+    viewer.window._qt_window.resizeDocks([dock], [400], Qt.Orientation.Horizontal)
+    qtbot.wait(100)
+    assert dock.width() <= 410
+    view = widget.scroll.viewport()
+    assert widget._inner.minimumSizeHint().width() <= view.width()
+    assert widget._inner.width() <= view.width()
+    clipped = []
+    for child in widget._inner.findChildren(QWidget):
+        if child.isVisible() and child.width() > 0:
+            right = child.mapTo(view, child.rect().topRight()).x()
+            if right > view.width() + 1:
+                clipped.append((type(child).__name__, right))
+    assert clipped == [], f"wider than the {view.width()} px viewport: {clipped[:5]}"
+    sections = widget._inner.findChildren(QCollapsible)
+    titles = [s.text() for s in sections]
+    assert titles == ["Inputs", "Result", "Heatmap", "Survival: reference cohort", "Validation", "Export"]
+    km = sections[3]
+    assert km.isExpanded() and km.content().height() > 200  # the plot is there
+    km.collapse(animate=False)
+    qtbot.wait(50)
+    assert not km.isExpanded() and km.content().height() == 0
+    km.expand(animate=False)
+    # the validation section: a few headline figures, the full table behind a button
+    assert widget.results.shown["headlines"].count("|") <= 4
+    dlg = widget.metrics_view.show_table()
+    table = dlg.findChild(__import__("qtpy.QtWidgets", fromlist=["QTableWidget"]).QTableWidget)
+    assert table.rowCount() == int(widget.results.shown["n_metrics"]) > 5
+    dlg.close()
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_error_details_are_reachable(make_napari_viewer, qtbot, demo_case, tmp_path):
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer)
+    bad = tmp_path / "broken.mirror"
+    bad.write_bytes(b"\x00" * 64)
+    widget.set_bundle_file(bad)
+    errors = _run_expecting_error(widget, qtbot)
+    assert widget.status_label.text() == f"Error: {widget.last_error.splitlines()[0]}"
+    assert not widget.details_button.isHidden()
+    box = widget.show_error_details()
+    assert box.text() == widget.last_error and "broken.mirror" in box.text()
+    assert errors == ["MIRROR: " + widget.last_error]
+    box.close()
+    # the next run clears it
+    widget.set_bundle_file(None)
+    widget.set_features_file(None)
+    widget.cancel()
+    widget.run()
+    assert widget.details_button.isHidden()
+    widget.cancel()
+    wait_for_run(qtbot, widget)

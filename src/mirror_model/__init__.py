@@ -37,6 +37,11 @@ _EXPORTS: dict[str, str] = {
     "default_bundle_path": "mirror_model.bundle",
     # errors
     "MirrorError": "mirror_model.errors",
+    "Cancelled": "mirror_model.errors",
+    # files (atomic writes, strict JSON) for tools built on the package, e.g. the plugin
+    "atomic_path": "mirror_model._io",
+    "atomic_write_text": "mirror_model._io",
+    "jsonable": "mirror_model._io",
 }
 
 __all__ = ["__version__", *_EXPORTS]

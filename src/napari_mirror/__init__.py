@@ -1,8 +1,9 @@
 """napari plugin for MIRROR.
 
 Reader (whole-slide images as lazy multiscale layers in µm), sample data (a demo patient) and the
-MIRROR dock widget (attention heatmap, subtype, survival risk). Submodules are imported lazily
-so that napari's start-up stays fast; Qt is imported only when the widget opens.
+MIRROR dock widget (per-tile maps, subtype, survival risk, the model's provenance). Submodules
+are imported lazily so that napari's start-up stays fast; Qt is imported only when the widget
+opens.
 """
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ _LAZY = {
     "write_geojson": "napari_mirror._export",
     "write_tile_csv": "napari_mirror._export",
     "write_report": "napari_mirror._export",
+    "RunJob": "napari_mirror._run",
     "RunRequest": "napari_mirror._run",
     "run_prediction": "napari_mirror._run",
 }

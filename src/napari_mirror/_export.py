@@ -1,149 +1,119 @@
 """Exports of a MIRROR result: QuPath GeoJSON, per-tile CSV, PNG snapshot, JSON report (no Qt).
 
-All files are written atomically: a failed export never leaves half a file behind.
+The per-tile values come from the prediction itself (``Prediction.tiles_table`` /
+``to_geojson``, the same files ``mirror-train predict`` writes); the plugin adds what the user
+saw: the model card (name, training data, date, intended use, the demo warning) and the map
+that was displayed. All files are written atomically: a failed export never leaves half a file.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mirror_model._io import atomic_path, atomic_write_text, jsonable
-
-from ._geometry import percentile_ranks
+from mirror_model import atomic_path, atomic_write_text, jsonable
 
 __all__ = [
     "REPORT_FORMAT",
+    "csv_header",
     "geojson_feature_collection",
     "report_dict",
-    "tile_table",
     "write_geojson",
     "write_png",
     "write_report",
     "write_tile_csv",
 ]
 
-REPORT_FORMAT = "napari-mirror-report/1"
+REPORT_FORMAT = "napari-mirror-report/2"
 PathLike = str | os.PathLike[str]
 
 
-def _tiles(prediction: Any) -> tuple[np.ndarray, int, np.ndarray]:
-    att = getattr(prediction, "attention", None)
-    coords = getattr(prediction, "coords_level0", None)
-    if att is None or coords is None or len(np.asarray(coords)) == 0:
+def _require_tiles(prediction: Any) -> None:
+    if not getattr(prediction, "maps", None):
         raise ValueError(
             "This result has no slide tiles (expression-only run): there is nothing to export per tile."
         )
-    return (
-        np.asarray(coords).astype(np.int64).reshape(-1, 2),
-        int(prediction.tile_size_level0),
-        np.asarray(att, dtype=np.float64).reshape(-1),
-    )
-
-
-def _stable_uuid(*parts: object) -> str:
-    # Deterministic ids: exporting the same result twice gives identical files.
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "napari-mirror:" + ":".join(map(str, parts))))
 
 
 def geojson_feature_collection(
-    prediction: Any, *, object_type: str = "tile", measurement: str = "MIRROR attention"
+    prediction: Any,
+    *,
+    object_type: str = "tile",
+    model: dict[str, Any] | None = None,
+    selected_map: str | None = None,
 ) -> dict[str, Any]:
-    """QuPath-compatible GeoJSON: one square Polygon per tile, in level-0 pixels.
+    """``Prediction.to_geojson`` with the model card, the warnings and the displayed map.
 
-    Parameters
-    ----------
-    prediction : mirror_model.inference.Prediction
-    object_type : {"tile", "detection", "annotation"}
-        QuPath object type of each feature.
-    measurement : str
-        Name of the score measurement; ``"<measurement> percentile"`` holds its percentile rank.
-
-    Returns
-    -------
-    dict
-        A GeoJSON ``FeatureCollection``. Each polygon runs ``(x, y) → (x+s, y) → (x+s, y+s) →
-        (x, y+s) → (x, y)`` in level-0 pixel coordinates (QuPath's image space), i.e. it covers
-        pixels ``[x, x+s) × [y, y+s)``.
+    The collection's ``properties`` (a GeoJSON foreign member QuPath ignores) hold ``model``
+    (the prediction's provenance updated with the card), ``warnings`` and ``selected_map``;
+    every feature's ``properties`` get ``model`` (the model's name) and, for a synthetic
+    model, ``not_for_patient_material: true`` (QuPath shows feature properties).
     """
-    if object_type not in ("tile", "detection", "annotation"):
-        raise ValueError(f"object_type must be tile, detection or annotation; got {object_type!r}")
-    coords, size, scores = _tiles(prediction)
-    pct = percentile_ranks(scores)
-    sha = getattr(prediction, "bundle_sha256", "") or ""
-    features = []
-    for i, ((x, y), score, p) in enumerate(zip(coords.tolist(), scores.tolist(), pct.tolist(), strict=True)):
-        ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
-        features.append(
-            {
-                "type": "Feature",
-                "id": _stable_uuid(sha, i, x, y),
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": object_type,
-                    "name": f"tile {i}",
-                    "isLocked": True,
-                    "measurements": {
-                        measurement: None if not math.isfinite(score) else score,
-                        f"{measurement} percentile": None if not math.isfinite(p) else p,
-                    },
-                },
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}
+    _require_tiles(prediction)
+    fc = prediction.to_geojson(object_type=object_type)
+    props = dict(fc.get("properties") or {})
+    props["model"] = {**dict(props.get("model") or {}), **dict(model or {})}
+    props["warnings"] = _warnings(prediction, model)
+    props["selected_map"] = selected_map
+    fc["properties"] = jsonable(props)
+    if model:
+        for f in fc["features"]:
+            f["properties"]["model"] = model.get("name")
+            if model.get("synthetic"):
+                f["properties"]["not_for_patient_material"] = True
+    return fc
 
 
-def write_geojson(path: PathLike, prediction: Any, *, object_type: str = "tile") -> Path:
-    """Write :func:`geojson_feature_collection` to ``path`` (import in QuPath by drag and drop)."""
-    fc = geojson_feature_collection(prediction, object_type=object_type)
+def write_geojson(
+    path: PathLike,
+    prediction: Any,
+    *,
+    object_type: str = "tile",
+    model: dict[str, Any] | None = None,
+    selected_map: str | None = None,
+) -> Path:
+    """Write :func:`geojson_feature_collection` (import in QuPath by drag and drop)."""
+    fc = geojson_feature_collection(prediction, object_type=object_type, model=model, selected_map=selected_map)
     atomic_write_text(path, json.dumps(fc))
     return Path(path)
 
 
-def tile_table(prediction: Any) -> list[dict[str, Any]]:
-    """One row per tile: index, level-0 box, µm centre, attention, percentile rank and rank."""
-    coords, size, scores = _tiles(prediction)
-    pct = percentile_ranks(scores)
-    mpp = float(getattr(prediction, "slide_mpp", None) or float("nan"))
-    order = np.lexsort((np.arange(scores.size), -np.nan_to_num(scores, nan=-np.inf)))
-    rank = np.empty(scores.size, np.int64)
-    rank[order] = np.arange(1, scores.size + 1)
-    rows = []
-    for i in range(scores.size):
-        x, y = int(coords[i, 0]), int(coords[i, 1])
-        rows.append(
-            {
-                "tile_index": i,
-                "x_level0": x,
-                "y_level0": y,
-                "tile_size_level0": size,
-                "centre_x_um": (x + size / 2.0) * mpp,
-                "centre_y_um": (y + size / 2.0) * mpp,
-                "attention": float(scores[i]),
-                "attention_percentile": float(pct[i]),
-                "rank": int(rank[i]),
-            }
-        )
-    return rows
+def csv_header(model: dict[str, Any] | None, selected_map: str | None, prediction: Any = None) -> list[str]:
+    """``#`` comment lines on top of the per-tile CSV (read it with ``pandas.read_csv(...,
+    comment="#")``): the model, its training data, date and intended use, the demo warning and
+    the displayed map."""
+    lines = ["# MIRROR per-tile maps (napari-mirror)"]
+    if model:
+        lines.append(f"# model: {model.get('name')} (created {model.get('created')})")
+        lines.append(f"# trained on: {model.get('training_data')}")
+        lines.append(f"# intended use: {model.get('intended_use')}")
+    for w in _warnings(prediction, model):
+        lines.append(f"# WARNING: {w}")
+    if selected_map:
+        lines.append(f"# displayed map: {selected_map}")
+    return [line.replace("\n", " ") for line in lines]
 
 
-def write_tile_csv(path: PathLike, prediction: Any) -> Path:
-    """Per-tile CSV (columns of :func:`tile_table`); level-0 pixels and µm (mpp of the slide)."""
-    rows = tile_table(prediction)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["tile_index"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+def write_tile_csv(
+    path: PathLike,
+    prediction: Any,
+    *,
+    model: dict[str, Any] | None = None,
+    selected_map: str | None = None,
+) -> Path:
+    """Per-tile CSV (``Prediction.write_tiles_csv``: coordinates, and value/rank/percentile of
+    every map) under :func:`csv_header`."""
+    _require_tiles(prediction)
+    header = "\n".join(csv_header(model, selected_map, prediction)) + "\n"
+    with atomic_path(path) as tmp:
+        prediction.write_tiles_csv(tmp)
+        body = tmp.read_text(encoding="utf-8")
+        tmp.write_text(header + body, encoding="utf-8")
     return Path(path)
 
 
@@ -159,20 +129,32 @@ def write_png(path: PathLike, image: np.ndarray) -> Path:
     return Path(path)
 
 
-def report_dict(prediction: Any, *, inputs: dict[str, Any], bundle: Any = None) -> dict[str, Any]:
-    """Everything needed to reproduce and audit a result: bundle hash, inputs, outputs."""
+def _warnings(prediction: Any, model: dict[str, Any] | None) -> list[str]:
+    """The model's warning first, then the prediction's own (each once)."""
+    out = [str(model["warning"])] if model and model.get("warning") else []
+    for w in getattr(prediction, "warnings", None) or []:
+        if str(w) not in out:
+            out.append(str(w))
+    return out
+
+
+def report_dict(
+    prediction: Any,
+    *,
+    inputs: dict[str, Any],
+    bundle: Any = None,
+    model: dict[str, Any] | None = None,
+    selected_map: str | None = None,
+    top_k: int = 10,
+) -> dict[str, Any]:
+    """Everything needed to reproduce and audit a result: model card, bundle hash, inputs,
+    outputs (``Prediction.to_dict``) and every warning, the demo-model one first."""
     from . import __version__
 
-    try:
-        # Per-tile values live in the CSV/GeoJSON exports; the report lists the top tiles.
-        out = prediction.to_dict(include_tiles=False)
-    except TypeError:
-        out = prediction.to_dict()
-    except AttributeError:
-        out = {k: v for k, v in vars(prediction).items() if not k.startswith("_")}
+    out = prediction.to_dict(include_tiles=False, top_k=top_k)
     bundle_info: dict[str, Any] = {"sha256": getattr(prediction, "bundle_sha256", None)}
     if bundle is not None:
-        for attr in ("path", "name", "format_version", "metrics"):
+        for attr in ("name", "format_version", "created", "metrics"):
             val = getattr(bundle, attr, None)
             if val is not None:
                 bundle_info[attr] = val
@@ -181,6 +163,9 @@ def report_dict(prediction: Any, *, inputs: dict[str, Any], bundle: Any = None) 
             "format": REPORT_FORMAT,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "napari_mirror_version": __version__,
+            "model": model,
+            "warnings": _warnings(prediction, model),
+            "selected_map": selected_map,
             "bundle": bundle_info,
             "inputs": inputs,
             "outputs": out,
@@ -188,7 +173,17 @@ def report_dict(prediction: Any, *, inputs: dict[str, Any], bundle: Any = None) 
     )
 
 
-def write_report(path: PathLike, prediction: Any, *, inputs: dict[str, Any], bundle: Any = None) -> Path:
+def write_report(
+    path: PathLike,
+    prediction: Any,
+    *,
+    inputs: dict[str, Any],
+    bundle: Any = None,
+    model: dict[str, Any] | None = None,
+    selected_map: str | None = None,
+    top_k: int = 10,
+) -> Path:
     """Write :func:`report_dict` as indented JSON."""
-    atomic_write_text(path, json.dumps(report_dict(prediction, inputs=inputs, bundle=bundle), indent=2))
+    d = report_dict(prediction, inputs=inputs, bundle=bundle, model=model, selected_map=selected_map, top_k=top_k)
+    atomic_write_text(path, json.dumps(d, indent=2))
     return Path(path)

@@ -21,8 +21,6 @@ import numpy as np
 
 __all__ = [
     "TileLattice",
-    "percentile_limits",
-    "percentile_ranks",
     "rasterize",
     "smooth_nan",
     "tile_centres_world_um",
@@ -171,45 +169,6 @@ def smooth_nan(grid: np.ndarray, sigma_cells: float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(valid, num / den, np.nan)
     return out.astype(np.float32)
-
-
-def percentile_limits(values: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, float]:
-    """Contrast limits from the ``low``–``high`` percentiles of the finite values.
-
-    A flat map (or a single tile) gets a small symmetric range around its value so that napari
-    still accepts the limits.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return (0.0, 1.0)
-    lo, hi = (float(x) for x in np.percentile(v, [low, high]))
-    if not hi > lo:
-        lo, hi = float(v.min()), float(v.max())
-    if not hi > lo:
-        eps = max(abs(lo) * 1e-3, 1e-12)
-        lo, hi = lo - eps, hi + eps
-    return (lo, hi)
-
-
-def percentile_ranks(values: np.ndarray) -> np.ndarray:
-    """Percentile rank (0–100) of each value among the finite values: the highest gets 100, the
-    lowest 0, ties share their mean rank; NaN stays NaN.
-
-    Same convention as :meth:`mirror_model.inference.Prediction.tiles_table`
-    (``100·(n − rank)/(n − 1)`` with rank 1 = highest), so CLI and plugin exports agree.
-    """
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    out = np.full(v.shape, np.nan)
-    ok = np.isfinite(v)
-    n = int(ok.sum())
-    if n == 1:
-        out[ok] = 100.0
-    elif n > 1:
-        from scipy.stats import rankdata
-
-        out[ok] = (rankdata(v[ok], method="average") - 1.0) / (n - 1) * 100.0
-    return out
 
 
 def tile_centres_world_um(coords_level0: np.ndarray, tile_size_level0: int, mpp: float) -> np.ndarray:

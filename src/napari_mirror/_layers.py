@@ -1,4 +1,4 @@
-"""napari layer data for slides, heatmaps and top-attention tiles (pure logic, no Qt).
+"""napari layer data for slides, per-tile map heatmaps and top tiles (pure logic, no Qt).
 
 Each builder returns napari ``LayerData`` tuples ``(data, kwargs, layer_type)`` so that the
 reader, the sample data and the widget share one definition, and tests need no viewer.
@@ -15,21 +15,27 @@ import numpy as np
 
 from ._geometry import (
     TileLattice,
-    percentile_limits,
-    percentile_ranks,
     rasterize,
     smooth_nan,
     tile_centres_world_um,
     tile_lattice,
     tile_rectangles_world_um,
 )
+from ._panel import format_percentile
 
 __all__ = [
+    "DIVERGING_COLORMAPS",
     "HEATMAP_COLORMAPS",
     "METADATA_KEY",
+    "SCALINGS",
+    "SEQUENTIAL_COLORMAPS",
     "HeatmapDisplay",
     "TopTile",
+    "colorbar_label",
+    "heatmap_grid",
     "heatmap_layer_data",
+    "make_layer",
+    "selected_map",
     "slide_info",
     "slide_layer_data",
     "top_tiles",
@@ -40,8 +46,6 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 #: Key under ``layer.metadata`` where the plugin keeps what it knows about a layer.
 METADATA_KEY = "mirror"
-#: Colormaps offered for the heatmap (all napari built-ins, all map NaN to transparent).
-HEATMAP_COLORMAPS = ("inferno", "magma", "viridis", "turbo", "plasma", "hot", "jet")
 UNITS = ("µm", "µm")
 AXIS_LABELS = ("y", "x")
 
@@ -124,51 +128,100 @@ def slide_layer_data(
     return (data, kwargs, "image")
 
 
+#: Colormaps offered for unsigned maps (napari built-ins; NaN cells stay transparent).
+SEQUENTIAL_COLORMAPS = ("inferno", "magma", "viridis", "turbo", "plasma")
+#: Colormaps offered for signed maps: diverging, white at 0 (matplotlib names napari knows).
+DIVERGING_COLORMAPS = ("RdBu_r", "coolwarm", "PiYG")
+HEATMAP_COLORMAPS = SEQUENTIAL_COLORMAPS + DIVERGING_COLORMAPS
+#: Contrast choices: (key, words for the panel and the colour-bar label).
+SCALINGS = {
+    "percentile": "1st–99th percentile of this slide's tiles",
+    "minmax": "full range of this slide's tiles",
+}
+
+
 @dataclass(frozen=True)
 class HeatmapDisplay:
-    """How the attention heatmap is drawn.
+    """How a per-tile map is drawn.
 
     Attributes
     ----------
-    colormap : str
-        Any napari colormap name; NaN (no tissue) is transparent.
+    colormap : str or None
+        Any napari colormap name; None = ``"inferno"`` for unsigned maps and ``"RdBu_r"``
+        (diverging, white at 0) for signed ones. NaN (no tissue) is transparent.
     opacity : float
         0–1.
     scaling : {"percentile", "minmax"}
-        Contrast limits from the 1st–99th percentiles (robust to a few hot tiles) or min/max.
-    low_percentile, high_percentile : float
-        Percentiles used by ``"percentile"``.
+        Colour range. Unsigned maps: the 1st–99th percentiles (a few hot tiles do not squash
+        the rest) or min–max. Signed maps: always centred on 0, ``±`` the 99th percentile of
+        ``|value|`` or ``±`` its maximum.
     smoothing_sigma_tiles : float
         Gaussian smoothing in tiles (0 = none); NaN cells stay transparent.
     """
 
-    colormap: str = "inferno"
+    colormap: str | None = None
     opacity: float = 0.55
     scaling: str = "percentile"
-    low_percentile: float = 1.0
-    high_percentile: float = 99.0
     smoothing_sigma_tiles: float = 0.0
 
-    def contrast_limits(self, values: np.ndarray) -> tuple[float, float]:
-        if self.scaling == "minmax":
-            return percentile_limits(values, 0.0, 100.0)
-        if self.scaling != "percentile":
-            raise ValueError(f"scaling must be 'percentile' or 'minmax'; got {self.scaling!r}")
-        return percentile_limits(values, self.low_percentile, self.high_percentile)
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}; got {self.scaling!r}")
+
+    def colormap_for(self, tile_map: Any) -> str:
+        if self.colormap:
+            return self.colormap
+        return DIVERGING_COLORMAPS[0] if tile_map.signed else SEQUENTIAL_COLORMAPS[0]
+
+    def contrast_limits(self, tile_map: Any) -> tuple[float, float]:
+        """Colour range of ``tile_map`` (its own :meth:`~mirror_model.TileMap.display_range`
+        for ``"percentile"``); signed maps are symmetric about 0."""
+        if self.scaling == "percentile":
+            lo, hi = tile_map.display_range(99.0)
+        else:
+            lo, hi = tile_map.display_range(100.0)
+        if not hi > lo:  # napari refuses empty ranges
+            eps = max(abs(lo) * 1e-3, 1e-12)
+            lo, hi = lo - eps, hi + eps
+        return float(lo), float(hi)
 
 
-def _tile_scores(prediction: Any) -> np.ndarray:
-    att = getattr(prediction, "attention", None)
-    if att is None:
-        raise ValueError("this prediction has no slide attention (expression-only run)")
-    return np.asarray(att, dtype=np.float64).reshape(-1)
+def selected_map(prediction: Any, map_name: str | None = None) -> Any:
+    """The :class:`~mirror_model.TileMap` ``map_name`` of the prediction (default: its first).
+
+    Raises
+    ------
+    ValueError
+        The prediction has no per-tile maps (no slide input) or no map of that name.
+    """
+    maps = getattr(prediction, "maps", None) or {}
+    if not maps:
+        raise ValueError("this prediction has no per-tile maps (expression-only run)")
+    if map_name is None:
+        return next(iter(maps.values()))
+    if map_name not in maps:
+        raise ValueError(f"this prediction has no map {map_name!r}; it has {', '.join(maps)}")
+    return maps[map_name]
 
 
-def heatmap_grid(prediction: Any, display: HeatmapDisplay | None = None) -> tuple[np.ndarray, TileLattice]:
-    """The heatmap array ``[rows, cols]`` (NaN outside tissue) and its lattice."""
+def colorbar_label(tile_map: Any, display: HeatmapDisplay, limits: tuple[float, float]) -> str:
+    """What the colour bar shows, in words: the map, its units and the colour range."""
+    lo, hi = limits
+    centre = " (white = 0)" if tile_map.signed else ""
+    return (
+        f"{tile_map.label}{centre}\n{tile_map.units}\n"
+        f"colours: {SCALINGS[display.scaling]}, {lo:.3g} to {hi:.3g}"
+    )
+
+
+def heatmap_grid(
+    prediction: Any, map_name: str | None = None, display: HeatmapDisplay | None = None
+) -> tuple[np.ndarray, TileLattice]:
+    """The map as an array ``[rows, cols]`` on the tile lattice (NaN outside tissue)."""
     display = display or HeatmapDisplay()
+    tile_map = selected_map(prediction, map_name)
     lattice = tile_lattice(prediction.coords_level0, int(prediction.tile_size_level0))
-    grid = rasterize(_tile_scores(prediction), lattice)
+    grid = rasterize(tile_map.values, lattice)
     if display.smoothing_sigma_tiles > 0:
         grid = smooth_nan(grid, display.smoothing_sigma_tiles)
     return grid, lattice
@@ -177,21 +230,24 @@ def heatmap_grid(prediction: Any, display: HeatmapDisplay | None = None) -> tupl
 def heatmap_layer_data(
     prediction: Any,
     *,
+    map_name: str | None = None,
     mpp: float | None = None,
     display: HeatmapDisplay | None = None,
-    name: str = "MIRROR attention",
+    name: str = "MIRROR heatmap",
     source: dict[str, Any] | None = None,
 ) -> LayerData:
-    """Attention heatmap on the tile grid, aligned exactly with the slide layer.
+    """A per-tile map on the tile grid, aligned exactly with the slide layer.
 
-    Cell ``(r, c)`` covers the level-0 pixels of the tile at
-    ``origin + (c, r)·stride``; see :meth:`TileLattice.translate_um` for the half-pixel shift
-    that napari's pixel-centre convention needs.
+    Cell ``(r, c)`` covers the level-0 pixels of the tile at ``origin + (c, r)·stride``; see
+    :meth:`TileLattice.translate_um` for the half-pixel shift that napari's pixel-centre
+    convention needs.
 
     Parameters
     ----------
     prediction : mirror_model.inference.Prediction
-        Needs ``coords_level0``, ``tile_size_level0`` and ``attention``.
+        Needs ``coords_level0``, ``tile_size_level0`` and ``maps``.
+    map_name : str, optional
+        Key of ``prediction.maps`` (default: the first map).
     mpp : float, optional
         µm per level-0 pixel (default: ``prediction.slide_mpp``).
     display : HeatmapDisplay, optional
@@ -200,10 +256,18 @@ def heatmap_layer_data(
         Stored in ``metadata["mirror"]`` (e.g. the slide path).
     """
     display = display or HeatmapDisplay()
+    tile_map = selected_map(prediction, map_name)
     mpp = float(mpp if mpp is not None else prediction.slide_mpp)
-    grid, lattice = heatmap_grid(prediction, display)
+    grid, lattice = heatmap_grid(prediction, tile_map.name, display)
+    limits = display.contrast_limits(tile_map)
     meta = {
         "kind": "heatmap",
+        "map_name": tile_map.name,
+        "map_label": tile_map.label,
+        "map_description": tile_map.description,
+        "map_units": tile_map.units,
+        "signed": bool(tile_map.signed),
+        "colorbar_label": colorbar_label(tile_map, display, limits),
         "tile_size_level0": int(lattice.tile_size_level0),
         "stride_level0": int(lattice.stride_level0),
         "origin_level0": [int(v) for v in lattice.origin_level0],
@@ -221,8 +285,8 @@ def heatmap_layer_data(
         "translate": lattice.translate_um(mpp),
         "units": UNITS,
         "axis_labels": AXIS_LABELS,
-        "colormap": display.colormap,
-        "contrast_limits": display.contrast_limits(grid),
+        "colormap": display.colormap_for(tile_map),
+        "contrast_limits": limits,
         "opacity": float(display.opacity),
         "blending": "translucent",
         # Nearest keeps one flat square per tile, matching the exported polygons.
@@ -234,23 +298,23 @@ def heatmap_layer_data(
 
 @dataclass(frozen=True)
 class TopTile:
-    """One of the most attended tiles.
+    """One of the tiles with the highest values of the selected map.
 
     Attributes
     ----------
     rank : int
-        1 = highest attention.
+        1 = highest value of the map.
     index : int
         Row in the prediction's tile arrays.
     x_level0, y_level0 : int
         Top-left corner in level-0 pixels.
     tile_size_level0 : int
-    score : float
-        Attention weight.
+    value : float
+        The map's value on this tile (in the map's units).
     percentile : float
-        Percentile rank among the slide's tiles (0–100).
+        Percentile rank among the slide's tiles (0–100, 100 = highest).
     centre_world_um : tuple[float, float]
-        ``(y, x)`` world position of the tile centre (µm), for centring the view.
+        ``(y, x)`` world position (µm) of the tile centre, for centring the view.
     """
 
     rank: int
@@ -258,27 +322,32 @@ class TopTile:
     x_level0: int
     y_level0: int
     tile_size_level0: int
-    score: float
+    value: float
     percentile: float
     centre_world_um: tuple[float, float]
 
     def label(self) -> str:
         return (
-            f"#{self.rank}  x={self.x_level0}, y={self.y_level0}  "
-            f"attention {self.score:.4g} (pct {self.percentile:.1f})"
+            f"#{self.rank}   {format_percentile(self.percentile)} percentile   "
+            f"(x {self.x_level0}, y {self.y_level0})"
         )
 
 
-def top_tiles(prediction: Any, k: int = 10, *, mpp: float | None = None) -> list[TopTile]:
-    """The ``k`` tiles with the highest attention, best first (ties: lower index first)."""
-    scores = _tile_scores(prediction)
-    if k <= 0 or scores.size == 0:
+def top_tiles(
+    prediction: Any, k: int = 10, *, map_name: str | None = None, mpp: float | None = None
+) -> list[TopTile]:
+    """The ``k`` tiles with the highest values of the map, best first (ties: lower index first;
+    ``Prediction.top_tiles`` decides)."""
+    if k <= 0 or not getattr(prediction, "maps", None):
         return []
+    from mirror_model.maps import rank_tiles
+
+    tile_map = selected_map(prediction, map_name)
     mpp = float(mpp if mpp is not None else prediction.slide_mpp)
+    order = np.asarray(prediction.top_tiles(int(k), map_name=tile_map.name), dtype=np.int64)
     coords = np.asarray(prediction.coords_level0).astype(np.int64)
     size = int(prediction.tile_size_level0)
-    order = np.lexsort((np.arange(scores.size), -np.nan_to_num(scores, nan=-np.inf)))[:k]
-    pct = percentile_ranks(scores)
+    _, pct = rank_tiles(tile_map.values)
     centres = tile_centres_world_um(coords[order], size, mpp)
     return [
         TopTile(
@@ -287,7 +356,7 @@ def top_tiles(prediction: Any, k: int = 10, *, mpp: float | None = None) -> list
             x_level0=int(coords[j, 0]),
             y_level0=int(coords[j, 1]),
             tile_size_level0=size,
-            score=float(scores[j]),
+            value=float(tile_map.values[j]),
             percentile=float(pct[j]),
             centre_world_um=(float(centres[i, 0]), float(centres[i, 1])),
         )
@@ -299,22 +368,27 @@ def top_tiles_layer_data(
     prediction: Any,
     k: int = 10,
     *,
+    map_name: str | None = None,
     mpp: float | None = None,
     name: str = "MIRROR top tiles",
     source: dict[str, Any] | None = None,
+    tops: list[TopTile] | None = None,
 ) -> LayerData:
-    """Outlines of the ``k`` most attended tiles, numbered by rank, as a Shapes layer (µm)."""
+    """Outlines of the ``k`` highest tiles of the map, numbered by rank, as a Shapes layer (µm)."""
     mpp = float(mpp if mpp is not None else prediction.slide_mpp)
-    tops = top_tiles(prediction, k, mpp=mpp)
+    if tops is None:
+        tops = top_tiles(prediction, k, map_name=map_name, mpp=mpp)
     coords = np.array([[t.x_level0, t.y_level0] for t in tops], dtype=np.int64).reshape(-1, 2)
     size = int(prediction.tile_size_level0)
     rects = list(tile_rectangles_world_um(coords, size, mpp))
     features = {
         "rank": np.array([t.rank for t in tops], dtype=np.int64),
-        "attention": np.array([t.score for t in tops], dtype=np.float64),
+        "value": np.array([t.value for t in tops], dtype=np.float64),
+        "percentile": np.array([t.percentile for t in tops], dtype=np.float64),
         "x_level0": coords[:, 0],
         "y_level0": coords[:, 1],
     }
+    tile_map = selected_map(prediction, map_name)
     kwargs = {
         "name": name,
         "shape_type": "rectangle",
@@ -325,6 +399,23 @@ def top_tiles_layer_data(
         "text": {"string": "{rank}", "color": "cyan", "size": 12, "anchor": "upper_left"},
         "units": UNITS,
         "axis_labels": AXIS_LABELS,
-        "metadata": {METADATA_KEY: {"kind": "top_tiles", "k": int(k), "mpp": mpp, **(source or {})}},
+        "metadata": {
+            METADATA_KEY: {
+                "kind": "top_tiles",
+                "k": int(k),
+                "map_name": tile_map.name,
+                "mpp": mpp,
+                **(source or {}),
+            }
+        },
     }
     return (rects, kwargs, "shapes")
+
+
+def make_layer(layer_data: LayerData) -> Any:
+    """A napari layer object from ``LayerData`` (no viewer or Qt needed: callable off the GUI
+    thread, so that adding it to the viewer later costs little)."""
+    from napari.layers import Layer
+
+    data, kwargs, layer_type = layer_data
+    return Layer.create(data, kwargs, layer_type)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,14 +17,19 @@ from typing import Any
 from mirror_model.errors import ConfigError
 
 __all__ = [
+    "INPUT_SENTENCES",
+    "JobOutcome",
+    "JobProgress",
+    "RunJob",
     "RunRequest",
     "RunResult",
+    "cancel_all_runs",
     "clear_bundle_cache",
     "get_bundle",
+    "input_sentence",
     "list_samples",
-    "modality_kind",
-    "modality_sentence",
     "run_prediction",
+    "running_jobs",
     "suggest_sample",
 ]
 
@@ -127,10 +133,10 @@ def get_bundle(path: str | os.PathLike[str] | None = None) -> Any:
 def run_prediction(request: RunRequest, progress: Any = None, should_stop: Any = None) -> RunResult:
     """Load the bundle (cached) and call :func:`mirror_model.inference.predict`.
 
-    ``progress(done, total, stage)`` and ``should_stop()`` follow :mod:`mirror_model._progress`;
-    a stop request raises :class:`mirror_model.errors.Cancelled`.
+    ``progress(done, total, stage)`` and ``should_stop()`` follow the protocol of
+    :func:`mirror_model.inference.predict`; a stop request raises
+    :class:`mirror_model.errors.Cancelled`.
     """
-    from mirror_model._progress import check_cancel
     from mirror_model.inference import predict
 
     request.validate()
@@ -138,7 +144,7 @@ def run_prediction(request: RunRequest, progress: Any = None, should_stop: Any =
     if progress is not None:
         progress(0, 1, "loading model bundle")
     bundle = get_bundle(request.bundle_path)
-    check_cancel(should_stop, "the MIRROR run")
+    _check_stop(should_stop)
     pred = predict(
         bundle,
         slide_path=request.slide_path,
@@ -150,26 +156,201 @@ def run_prediction(request: RunRequest, progress: Any = None, should_stop: Any =
         progress=progress,
         should_stop=should_stop,
     )
-    check_cancel(should_stop, "the MIRROR run")
+    _check_stop(should_stop)
     return RunResult(request=request, prediction=pred, bundle=bundle, seconds=time.perf_counter() - t0)
 
 
-def modality_kind(modalities: Sequence[str]) -> str:
-    """``"both"``, ``"slide"`` or ``"rna"`` — the bundle's input kind for these modalities."""
-    m = set(modalities)
-    if {"slide", "rna"} <= m:
-        return "both"
-    return "slide" if "slide" in m else "rna"
+def _check_stop(should_stop: Any) -> None:
+    from mirror_model.errors import Cancelled
+
+    if should_stop is not None and should_stop():
+        raise Cancelled("the MIRROR run was cancelled.")
 
 
-def modality_sentence(modalities: Sequence[str]) -> str:
+#: What the panel says about the inputs a prediction used, by ``Prediction.input_kind``.
+INPUT_SENTENCES = {
+    "both": "Slide + expression (both modalities)",
+    "slide": "Slide only (no expression data used)",
+    "rna": "Expression only (no slide used; no heatmap)",
+}
+
+
+def input_sentence(input_kind: str) -> str:
     """Plain words for the panel: which inputs the prediction used."""
-    kind = modality_kind(modalities)
-    return {
-        "both": "Slide + expression (both modalities)",
-        "slide": "Slide only (no expression data used)",
-        "rna": "Expression only (no slide used; no heatmap)",
-    }[kind]
+    return INPUT_SENTENCES.get(str(input_kind), str(input_kind))
+
+
+# ------------------------------------------------------------------------------------ jobs
+@dataclass(frozen=True)
+class JobProgress:
+    """The latest progress report of a :class:`RunJob` (``total`` 0 = unknown)."""
+
+    done: int
+    total: int
+    stage: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a :class:`RunJob` ended: a result (and what ``prepare`` made of it), or an error.
+
+    ``error`` is never raised across threads, so the panel shows its own message; ``cancelled``
+    is True when the job stopped because it was asked to (``error`` is then a ``Cancelled``).
+    """
+
+    result: RunResult | None = None
+    prepared: Any = None
+    error: BaseException | None = None
+    traceback: str = ""
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+class RunJob:
+    """One run of :func:`run_prediction` on a plain Python thread that never touches Qt.
+
+    Why not a Qt worker: the panel, the viewer and the Qt objects of a worker can be deleted
+    while a run is in flight (closing the panel or the viewer, quitting). A worker thread that
+    emits signals or calls progress callbacks into those objects then crashes the process
+    (segmentation fault, "wrapped C/C++ object ... has been deleted"). Here the thread only
+    writes plain Python state under a lock; the panel *polls* it from a timer that it owns, so
+    the timer dies with the panel and nothing ever calls into a deleted object. Every job is
+    registered until it ends; :func:`cancel_all_runs` cancels and joins them when the
+    application quits (and before the interpreter joins its threads at exit).
+
+    Parameters
+    ----------
+    request : RunRequest
+        Inputs, captured on the GUI thread.
+    prepare : callable, optional
+        ``prepare(result, should_stop) -> Any``, run on the job's thread after the prediction:
+        the panel builds its layers and plots there, off the GUI thread.
+    """
+
+    def __init__(self, request: RunRequest, prepare: Any = None) -> None:
+        self.request = request
+        self._prepare = prepare
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+        self._progress = JobProgress(0, 0, "starting", 0.0)
+        self._outcome: JobOutcome | None = None
+        self._thread = threading.Thread(target=self._main, name="mirror-run", daemon=False)
+
+    def start(self) -> RunJob:
+        with _jobs_lock:
+            _jobs.add(self)
+        _install_exit_hook()
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    # --------------------------------------------------------------- called from any thread
+    def cancel(self) -> None:
+        """Ask the run to stop at its next check (between tiles batches and stages)."""
+        self._stop.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def progress(self) -> JobProgress:
+        with self._lock:
+            return self._progress
+
+    def outcome(self) -> JobOutcome | None:
+        """The outcome once :attr:`finished`, else None."""
+        return self._outcome if self._done.is_set() else None
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ----------------------------------------------------------------------- the job thread
+    def _report(self, done: int, total: int, stage: str) -> None:
+        with self._lock:
+            self._progress = JobProgress(int(done), int(total), str(stage), time.perf_counter() - self._t0)
+
+    def _main(self) -> None:
+        from mirror_model.errors import Cancelled
+
+        outcome: JobOutcome
+        try:
+            result = run_prediction(self.request, progress=self._report, should_stop=self._stop.is_set)
+            prepared = None
+            if self._prepare is not None:
+                self._report(0, 0, "preparing the display")
+                prepared = self._prepare(result, self._stop.is_set)
+            _check_stop(self._stop.is_set)
+            outcome = JobOutcome(result=result, prepared=prepared, seconds=self._elapsed())
+        except Cancelled as exc:
+            outcome = JobOutcome(error=exc, cancelled=True, seconds=self._elapsed())
+        except BaseException as exc:  # reported to the panel, never raised across threads
+            outcome = JobOutcome(
+                error=exc,
+                traceback=traceback.format_exc(),
+                cancelled=self._stop.is_set(),
+                seconds=self._elapsed(),
+            )
+        self._outcome = outcome
+        self._done.set()
+        with _jobs_lock:
+            _jobs.discard(self)
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+
+_jobs: set[RunJob] = set()
+_jobs_lock = threading.Lock()
+_exit_hook_installed = False
+
+
+def running_jobs() -> list[RunJob]:
+    """Jobs started and not yet ended."""
+    with _jobs_lock:
+        return list(_jobs)
+
+
+def cancel_all_runs(timeout_s: float | None = 60.0) -> bool:
+    """Cancel every running job and wait up to ``timeout_s`` for their threads to end.
+
+    Returns True when all have ended. Connected to ``QApplication.aboutToQuit`` by the panel and
+    run by the interpreter before it joins threads at exit.
+    """
+    jobs = running_jobs()
+    for job in jobs:
+        job.cancel()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    ok = True
+    for job in jobs:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ok = job.join(left) and ok
+    return ok
+
+
+def _install_exit_hook() -> None:
+    # threading._register_atexit runs before the interpreter joins non-daemon threads at exit
+    # (atexit runs after, too late to cancel); concurrent.futures relies on it the same way.
+    global _exit_hook_installed
+    if _exit_hook_installed:
+        return
+    _exit_hook_installed = True
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(cancel_all_runs, None)
+        except RuntimeError:  # the interpreter is already shutting down
+            pass
 
 
 def list_samples(expression_path: str | os.PathLike[str]) -> list[str]:

@@ -1,81 +1,84 @@
-"""The MIRROR dock widget: inputs, Run/Cancel in a worker thread, results, exports."""
+"""The MIRROR dock widget: inputs, Run/Cancel, results in collapsible sections, exports.
+
+Lifetime rules (each of them once crashed napari):
+
+* A run is a :class:`napari_mirror._run.RunJob`, a plain Python thread that touches no Qt
+  object. The panel polls it from a ``QTimer`` that the panel owns, so the timer, and with it
+  every call into the panel, dies with the panel.
+* Closing the panel (the dock's close button), closing the viewer or quitting cancels the job;
+  quitting also waits for it (``QApplication.aboutToQuit`` and the interpreter's exit hook),
+  so no worker is left running inside a half-torn-down interpreter.
+* Everything the result needs (napari layer objects, the panel's text, the Kaplan–Meier plot)
+  is prepared on the job thread; the GUI thread only adds the layers and sets texts.
+"""
 
 from __future__ import annotations
 
+import gc
+import html
 import logging
 import threading
-import traceback
-from dataclasses import dataclass
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QGroupBox,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QListWidget,
     QListWidgetItem,
+    QMessageBox,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSlider,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from .._layers import HEATMAP_COLORMAPS, METADATA_KEY, HeatmapDisplay, TopTile
-from .._run import (
-    RunRequest,
-    RunResult,
-    list_samples,
-    modality_sentence,
-    run_prediction,
-    suggest_sample,
-)
-from ._results import ResultsPanel
+from .._layers import HEATMAP_COLORMAPS, METADATA_KEY, SCALINGS, HeatmapDisplay, TopTile
+from .._panel import PreparedResult, layer_names, prepare_result
+from .._run import RunJob, RunRequest, RunResult, cancel_all_runs, list_samples, suggest_sample
+from ._form import NO_SLIDE, InputForm
+from ._results import KMView, MetricsView, ModelCardView, PredictionView, rich_label
 
 __all__ = ["MirrorWidget"]
 
 log = logging.getLogger(__name__)
 
-_NO_SLIDE = "(no slide: expression only)"
 _ERROR_PREFIX = "MIRROR: "
-
-
-class _Bridge(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued connection)."""
-
-    progressed = Signal(int, int, str)
-
-
-@dataclass
-class _Outcome:
-    """What the worker returns: a result, or the error that stopped it (never raised across
-    threads, so napari shows our message rather than a traceback)."""
-
-    result: RunResult | None = None
-    error: BaseException | None = None
-    traceback: str = ""
-
-
-def _job(request: RunRequest, progress: Any, should_stop: Any) -> _Outcome:
-    try:
-        return _Outcome(result=run_prediction(request, progress=progress, should_stop=should_stop))
-    except Exception as exc:
-        return _Outcome(error=exc, traceback=traceback.format_exc())
+_AUTO_COLORMAP = "automatic"
+#: How often the panel reads the job's progress (ms).
+POLL_MS = 100
+#: Width of the Kaplan–Meier image (logical px): fits a 400 px dock with margins.
+KM_WIDTH_PX = 330
+#: Pause between the steps that show a result (ms): the canvas draws in between.
+STEP_PAUSE_MS = 20
+#: New glyphs drawn per step when the colour-bar label appears.
+GLYPHS_PER_STEP = 6
+#: The panel fits a dock this narrow (napari's docks are ~400 px wide) without hiding anything.
+MIN_WIDTH_PX = 360
 
 
 def _warm_up() -> None:
-    """Import the inference stack (torch, models) off the GUI thread while the user picks
-    inputs, so the first Run does not pay seconds of imports."""
+    """Import the inference stack off the GUI thread while the user picks inputs, so that the
+    first Run pays no seconds of imports on the GUI thread."""
     try:
+        import lifelines  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import scipy.stats  # noqa: F401
+
         import mirror_model.inference
         import mirror_model.models  # noqa: F401
     except Exception:  # the run itself reports any real problem
@@ -83,15 +86,111 @@ def _warm_up() -> None:
 
 
 _warmed = threading.Event()
+_quit_hook = threading.Event()
 
 
-def _browse_row(edit: QLineEdit, button: QPushButton) -> QWidget:
-    w = QWidget()
-    lay = QHBoxLayout(w)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.addWidget(edit, 1)
-    lay.addWidget(button)
-    return w
+def _update_image_layer(layer: Any, new: Any) -> None:
+    """Give an existing map layer the data and display of ``new`` (an unattached layer)."""
+    layer.scale, layer.translate = new.scale, new.translate
+    layer.data = new.data
+    layer.colormap = new.colormap
+    layer.contrast_limits = new.contrast_limits
+    layer.opacity = new.opacity
+    layer.metadata = dict(new.metadata)
+    layer.colorbar.visible = True
+
+
+def _update_shapes_layer(layer: Any, new: Any) -> None:
+    """Give an existing top-tiles layer the rectangles, ranks and look of ``new``."""
+    layer.selected_data = set()
+    layer.data = [(np.asarray(d), t) for d, t in zip(new.data, new.shape_type, strict=True)]
+    layer.features = new.features
+    if len(new.data):
+        layer.edge_width = new.edge_width
+        layer.edge_color = new.edge_color
+        layer.face_color = new.face_color
+    layer.metadata = dict(new.metadata)
+    layer.refresh_text()
+
+
+_gc_holds = 0
+
+
+def _hold_gc() -> None:
+    """Keep Python's full garbage collections short while a run is going and its result is
+    shown: a full collection walks every object of napari, Qt and torch (~0.4 s on the GUI
+    thread, measured), so the objects that exist now are set aside (``gc.freeze``) until
+    :func:`_release_gc`. New garbage is still collected; nothing stays frozen afterwards."""
+    global _gc_holds
+    _gc_holds += 1
+    if _gc_holds == 1:
+        gc.freeze()
+
+
+def _release_gc() -> None:
+    global _gc_holds
+    if _gc_holds == 0:
+        return
+    _gc_holds -= 1
+    if _gc_holds == 0:
+        gc.unfreeze()
+
+
+_seen_glyphs: set[str] = set(" 0123456789.-")
+
+
+def _glyph_chunks(text: str) -> list[str]:
+    """Prefixes of ``text`` such that each adds at most :data:`GLYPHS_PER_STEP` glyphs not
+    drawn before (all of them, when every glyph was drawn already: none)."""
+    out, new = [], set()
+    for i, ch in enumerate(text):
+        if ch not in _seen_glyphs and ch not in new and not ch.isspace():
+            if len(new) == GLYPHS_PER_STEP:
+                out.append(text[:i])
+                _seen_glyphs.update(new)
+                new = set()
+            new.add(ch)
+    if new:
+        out.append(text)
+    return out
+
+
+class _JobBox:
+    """Holds the panel's current job for the ``destroyed`` handler: a plain object, so the
+    handler keeps no reference to the (dying) panel."""
+
+    def __init__(self) -> None:
+        self.job: RunJob | None = None
+        self._gc_held = False
+
+    def cancel(self, *_: Any) -> None:
+        if self.job is not None:
+            self.job.cancel()
+        self.release_gc()
+
+    def hold_gc(self) -> None:
+        if not self._gc_held:
+            self._gc_held = True
+            _hold_gc()
+
+    def release_gc(self) -> None:
+        if self._gc_held:
+            self._gc_held = False
+            _release_gc()
+
+
+def _section(title: str, content: QWidget, expanded: bool = True) -> QWidget:
+    from superqt import QCollapsible
+
+    box = QCollapsible(title)
+    box.setDuration(0)
+    box.addWidget(content)
+    content.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    if expanded:
+        box.expand(animate=False)
+    else:
+        box.collapse(animate=False)
+    return box
 
 
 class MirrorWidget(QWidget):
@@ -104,93 +203,77 @@ class MirrorWidget(QWidget):
 
     Notes
     -----
-    Public methods (``run``, ``cancel``, ``export_*``, ``set_*``) are what the buttons call;
-    scripts and tests use them directly. ``last_result`` holds the last finished run.
+    Public methods (``run``, ``cancel``, ``export_*``, ``set_*``, ``select_map``) are what the
+    buttons call; scripts and tests use them directly. ``last_result`` holds the last finished
+    run, ``last_error`` / ``last_error_details`` the last error.
     """
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.last_result: RunResult | None = None
+        self.last_prepared: PreparedResult | None = None
         self.last_error: str | None = None
+        self.last_error_details: str = ""
         self.heatmap_layer = None
         self.top_tiles_layer = None
         self._top: list[TopTile] = []
-        self._worker = None
+        self._map_name: str | None = None
         self._pbar = None
-        self._cancel = threading.Event()
-        self._bridge = _Bridge()
-        self._bridge.progressed.connect(self._on_progress)
+        self._docked = False
+        self._closed = False
+        self._box = _JobBox()
+        self._poll = QTimer(self)
+        self._poll.setInterval(POLL_MS)
+        self._poll.timeout.connect(self._poll_job)
+        self._step_timer = QTimer(self)  # dies with the panel, like every call it makes
+        self._step_timer.setSingleShot(True)
+        self._step_timer.timeout.connect(self._next_step)
+        self._steps: list[Any] = []
+        self._adding: list[Any] = []
         self._build_ui()
         self._connect_viewer()
         self.refresh_slide_layers()
+        # The panel may die without a close event (its window is deleted): cancel then too.
+        self.destroyed.connect(self._box.cancel)
+        app = QApplication.instance()
+        if app is not None and not _quit_hook.is_set():
+            _quit_hook.set()
+            app.aboutToQuit.connect(partial(cancel_all_runs, 60.0))
         if not _warmed.is_set():
             _warmed.set()
-            threading.Thread(target=_warm_up, name="mirror-warm-up", daemon=True).start()
-        # Closing the dock stops a run at its next check rather than leaving it running.
-        self.destroyed.connect(lambda *_: self._cancel.set())
+            # Not a daemon: a daemon thread killed inside `import torch` at exit can abort.
+            threading.Thread(target=_warm_up, name="mirror-warm-up", daemon=False).start()
 
     # ------------------------------------------------------------------------------- UI
     def _build_ui(self) -> None:
         inner = QWidget()
         root = QVBoxLayout(inner)
+        root.setContentsMargins(4, 4, 4, 4)
 
-        inputs = QGroupBox("Inputs")
-        form = QFormLayout(inputs)
-        self.slide_combo = QComboBox()
-        self.slide_combo.setToolTip("Slide layer to analyse (opened with the MIRROR reader).")
-        self.slide_combo.currentIndexChanged.connect(self._on_slide_changed)
-        form.addRow("Slide layer", self.slide_combo)
-
-        # Files without resolution metadata cannot be opened silently at a guessed scale: the
-        # user states the level-0 µm per pixel here and opens the slide through the panel.
-        self.mpp_spin = QDoubleSpinBox()
-        self.mpp_spin.setRange(0.0, 100.0)
-        self.mpp_spin.setDecimals(4)
-        self.mpp_spin.setSingleStep(0.05)
-        self.mpp_spin.setSuffix(" µm/px")
-        self.mpp_spin.setSpecialValueText("from the file")
-        self.mpp_spin.setValue(0.0)
-        self.mpp_spin.setToolTip(
-            "Level-0 resolution used when opening a slide with 'Open slide…'. Keep 'from the "
-            "file' unless the file has no resolution metadata (0.25 for a 40x scan, 0.5 for 20x)."
+        # inputs (magicgui)
+        self.form = InputForm()
+        self.form.slide.changed.connect(self._on_slide_changed)
+        self.form.open_slide.changed.connect(self._browse_slide)
+        self.form.expression.changed.connect(self._on_expression_edited)
+        inputs = QWidget()
+        il = QVBoxLayout(inputs)
+        il.setContentsMargins(0, 0, 0, 0)
+        il.addWidget(self.form.native)
+        self.reader_pref = QCheckBox("Open slide files with MIRROR without asking")
+        self.reader_pref.setToolTip(
+            "Sets napari's reader preference for .svs, .ndpi, .mrxs, .scn, .bif, .vms, .vmu and "
+            ".svslide files (Preferences > Plugins), so dropping a slide skips 'Choose reader'."
         )
-        btn = QPushButton("Open slide…")
-        btn.setToolTip("Open a slide file as a layer, at the resolution on the left.")
-        btn.clicked.connect(self._browse_slide)
-        form.addRow("µm per pixel", _browse_row(self.mpp_spin, btn))
+        self.reader_pref.setChecked(self._reader_preference_set())
+        self.reader_pref.toggled.connect(self._on_reader_pref)
+        il.addWidget(self.reader_pref)
+        root.addWidget(_section("Inputs", inputs))
 
-        self.features_edit = QLineEdit()
-        self.features_edit.setPlaceholderText("optional: precomputed features (.h5)")
-        self.features_edit.setToolTip(
-            "Patch features from `mirror-train extract` (or CLAM/TRIDENT) used instead of re-extracting."
-        )
-        btn = QPushButton("…")
-        btn.clicked.connect(self._browse_features)
-        form.addRow("Features", _browse_row(self.features_edit, btn))
-
-        self.bundle_edit = QLineEdit()
-        self.bundle_edit.setPlaceholderText("embedded demo bundle")
-        self.bundle_edit.setToolTip("A .mirror model bundle; empty = the embedded demo bundle.")
-        btn = QPushButton("…")
-        btn.clicked.connect(self._browse_bundle)
-        form.addRow("Model bundle", _browse_row(self.bundle_edit, btn))
-
-        self.expression_edit = QLineEdit()
-        self.expression_edit.setPlaceholderText("optional: expression table (.csv/.tsv/.parquet)")
-        self.expression_edit.editingFinished.connect(lambda: self.set_expression_file(self.expression_edit.text()))
-        btn = QPushButton("…")
-        btn.clicked.connect(self._browse_expression)
-        form.addRow("Expression", _browse_row(self.expression_edit, btn))
-        self.sample_combo = QComboBox()
-        self.sample_combo.setToolTip("The patient's row of the expression table.")
-        form.addRow("Patient row", self.sample_combo)
-
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda"])
-        form.addRow("Device", self.device_combo)
-        root.addWidget(inputs)
-
+        # run / cancel / status
+        run_box = QWidget()
+        rl = QVBoxLayout(run_box)
+        rl.setContentsMargins(0, 0, 0, 0)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
@@ -199,81 +282,189 @@ class MirrorWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        root.addLayout(buttons)
+        rl.addLayout(buttons)
+        status_row = QHBoxLayout()
         self.status_label = QLabel("Ready.")
         self.status_label.setWordWrap(True)
-        root.addWidget(self.status_label)
+        self.status_label.setMinimumWidth(10)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.details_button = QPushButton("Details…")
+        self.details_button.setToolTip("The full error message")
+        self.details_button.clicked.connect(self.show_error_details)
+        self.details_button.hide()
+        status_row.addWidget(self.status_label, 1)
+        status_row.addWidget(self.details_button, 0, Qt.AlignmentFlag.AlignTop)
+        rl.addLayout(status_row)
+        root.addWidget(run_box)
 
-        display = QGroupBox("Heatmap display")
-        dform = QFormLayout(display)
+        # model card (top of the results) and the prediction
+        self.model_view = ModelCardView()
+        self.prediction_view = PredictionView()
+        res = QWidget()
+        rv = QVBoxLayout(res)
+        rv.setContentsMargins(0, 0, 0, 0)
+        rv.addWidget(self.model_view)
+        rv.addWidget(self.prediction_view)
+        self.results_section = _section("Result", res)
+        root.addWidget(self.results_section)
+
+        # heatmap: map selector, what it means, display, top tiles
+        heat = QWidget()
+        hf = QFormLayout(heat)
+        hf.setContentsMargins(0, 0, 0, 0)
+        hf.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        self.map_combo = QComboBox()
+        self.map_combo.setToolTip("Which per-tile map the heatmap, the top tiles and the exports follow.")
+        self.map_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.map_combo.setMinimumContentsLength(12)
+        self.map_combo.currentIndexChanged.connect(self._on_map_changed)
+        self.map_combo.setEnabled(False)
+        hf.addRow("Map", self.map_combo)
+        self.map_description = rich_label("<span style='color:gray'>Run first.</span>")
+        hf.addRow(self.map_description)
         self.colormap_combo = QComboBox()
-        self.colormap_combo.addItems(list(HEATMAP_COLORMAPS))
+        self.colormap_combo.addItems([_AUTO_COLORMAP, *HEATMAP_COLORMAPS])
+        self.colormap_combo.setToolTip("automatic: inferno, or a diverging map white at 0 for signed maps")
         self.colormap_combo.currentTextChanged.connect(self._apply_display)
-        dform.addRow("Colormap", self.colormap_combo)
+        self.scaling_combo = QComboBox()
+        for key, words in SCALINGS.items():
+            self.scaling_combo.addItem("1st–99th pct" if key == "percentile" else "min–max", key)
+            self.scaling_combo.setItemData(self.scaling_combo.count() - 1, words, Qt.ItemDataRole.ToolTipRole)
+        self.scaling_combo.currentIndexChanged.connect(self._apply_display)
+        grid = QGridLayout()
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(self.colormap_combo, 0, 0)
+        grid.addWidget(self.scaling_combo, 0, 1)
+        hf.addRow("Colours", grid)
         self.opacity_slider = QSlider(Qt.Orientation.Horizontal)
         self.opacity_slider.setRange(0, 100)
         self.opacity_slider.setValue(55)
         self.opacity_slider.valueChanged.connect(self._apply_display)
-        dform.addRow("Opacity", self.opacity_slider)
-        self.scaling_combo = QComboBox()
-        self.scaling_combo.addItem("1st–99th percentile", "percentile")
-        self.scaling_combo.addItem("min–max", "minmax")
-        self.scaling_combo.currentIndexChanged.connect(self._apply_display)
-        dform.addRow("Contrast", self.scaling_combo)
         self.smoothing_spin = QDoubleSpinBox()
         self.smoothing_spin.setRange(0.0, 10.0)
         self.smoothing_spin.setSingleStep(0.5)
         self.smoothing_spin.setSuffix(" tiles")
         self.smoothing_spin.setToolTip("Gaussian smoothing (σ in tiles); 0 = raw tile values.")
         self.smoothing_spin.valueChanged.connect(self._apply_display)
-        dform.addRow("Smoothing", self.smoothing_spin)
+        row = QGridLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.opacity_slider, 0, 0)
+        row.addWidget(QLabel("σ"), 0, 1)
+        row.addWidget(self.smoothing_spin, 0, 2)
+        hf.addRow("Opacity", row)
         self.topk_spin = QSpinBox()
         self.topk_spin.setRange(0, 100)
         self.topk_spin.setValue(10)
         self.topk_spin.valueChanged.connect(self._apply_top_k)
-        dform.addRow("Top tiles", self.topk_spin)
-        root.addWidget(display)
-
-        results = QGroupBox("Result")
-        rlay = QVBoxLayout(results)
-        self.results = ResultsPanel()
-        rlay.addWidget(self.results)
-        rlay.addWidget(QLabel("Most attended tiles (click to go there):"))
+        hf.addRow("Top tiles", self.topk_spin)
         self.top_list = QListWidget()
-        self.top_list.setMaximumHeight(160)
+        self.top_list.setMaximumHeight(150)
+        self.top_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.top_list.setToolTip("Highest tiles of the selected map; click one to go there.")
         self.top_list.itemClicked.connect(self._on_top_clicked)
-        self.top_list.currentRowChanged.connect(lambda row: self.go_to_tile(row) if row >= 0 else None)
-        rlay.addWidget(self.top_list)
-        root.addWidget(results)
+        self.top_list.currentRowChanged.connect(lambda r: self.go_to_tile(r) if r >= 0 else None)
+        hf.addRow(self.top_list)
+        self.heatmap_section = _section("Heatmap", heat)
+        root.addWidget(self.heatmap_section)
 
-        exports = QGroupBox("Export")
-        elay = QHBoxLayout(exports)
+        self.km_view = KMView()
+        self.km_section = _section("Survival: reference cohort", self.km_view)
+        root.addWidget(self.km_section)
+        self.metrics_view = MetricsView()
+        self.metrics_section = _section("Validation", self.metrics_view)
+        root.addWidget(self.metrics_section)
+
+        exports = QWidget()
+        elay = QGridLayout(exports)
+        elay.setContentsMargins(0, 0, 0, 0)
         self.export_buttons: dict[str, QPushButton] = {}
-        for key, label in (("geojson", "GeoJSON"), ("csv", "CSV"), ("png", "PNG"), ("json", "Report")):
+        for i, (key, label) in enumerate(
+            (("geojson", "GeoJSON"), ("csv", "CSV"), ("png", "PNG"), ("json", "Report"))
+        ):
             b = QPushButton(label)
             b.clicked.connect(lambda _=False, k=key: self._export_dialog(k))
             b.setEnabled(False)
-            elay.addWidget(b)
+            elay.addWidget(b, 0, i)
             self.export_buttons[key] = b
-        root.addWidget(exports)
+        root.addWidget(_section("Export", exports))
         root.addStretch(1)
 
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(inner)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        # Everything wraps to the dock's width; a horizontal scroll bar would hide content.
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(inner)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(340)
+        outer.addWidget(self.scroll)
+        self._inner = inner
+        self.setMinimumWidth(MIN_WIDTH_PX)
+
+    @staticmethod
+    def _reader_preference_set() -> bool:
+        from .._reader import PLUGIN_NAME, slide_reader_preference
+
+        try:
+            return all(v == PLUGIN_NAME for v in slide_reader_preference().values())
+        except Exception:  # settings unavailable: leave the box unticked
+            log.debug("reading napari's reader preference failed", exc_info=True)
+            return False
+
+    def _on_reader_pref(self, checked: bool) -> None:
+        from .._reader import set_slide_reader_preference
+
+        changed = set_slide_reader_preference(bool(checked))
+        if checked:
+            taken = not self._reader_preference_set()
+            self.status_label.setText(
+                "Slide files now open with MIRROR."
+                + (" Some endings are assigned to another reader in Preferences > Plugins." if taken else "")
+            )
+        elif changed:
+            self.status_label.setText("napari will ask which reader to use for slide files again.")
+
+    # -------------------------------------------------------------------------- lifetime
+    def event(self, ev: QEvent) -> bool:
+        # napari closes a dock by removing the widget from it (setParent(None)); a widget that
+        # was docked and has no parent any more is a closed panel: stop its run now.
+        if ev.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self.close_panel()
+        return super().event(ev)
+
+    def close_panel(self) -> None:
+        """What closing the panel does: cancel the run, stop polling, let go of the viewer.
+
+        The result layers stay in the viewer. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._box.cancel()  # also ends the garbage-collection hold
+        self._poll.stop()
+        self._steps = []
+        self._step_timer.stop()
+        self._close_progress()
+        self._disconnect_viewer()
+
+    def _close_progress(self) -> None:
+        pbar, self._pbar = self._pbar, None
+        if pbar is not None:
+            try:
+                pbar.close()
+            except Exception:  # the viewer's activity dock may be gone already
+                log.debug("closing the progress bar failed", exc_info=True)
 
     # ------------------------------------------------------------------------- viewer links
     def _connect_viewer(self) -> None:
         ev = self.viewer.layers.events
         for name in ("inserted", "removed", "reordered"):
             getattr(ev, name).connect(self._on_layers_changed)
-        self.destroyed.connect(lambda *_: self._disconnect_viewer(ev))
 
-    def _disconnect_viewer(self, ev: Any) -> None:
+    def _disconnect_viewer(self) -> None:
+        ev = self.viewer.layers.events
         for name in ("inserted", "removed", "reordered"):
             try:
                 getattr(ev, name).disconnect(self._on_layers_changed)
@@ -283,11 +474,12 @@ class MirrorWidget(QWidget):
     def _on_layers_changed(self, event: Any = None) -> None:
         try:
             self.refresh_slide_layers()
-            removed = getattr(event, "type", "") == "removed"
-            if removed and self.heatmap_layer is not None and self.heatmap_layer not in self.viewer.layers:
-                self.heatmap_layer = None
-            if removed and self.top_tiles_layer is not None and self.top_tiles_layer not in self.viewer.layers:
-                self.top_tiles_layer = None
+            if getattr(event, "type", "") == "removed":
+                if self.heatmap_layer is not None and self.heatmap_layer not in self.viewer.layers:
+                    self.heatmap_layer = None
+                    self._update_colorbar_label()
+                if self.top_tiles_layer is not None and self.top_tiles_layer not in self.viewer.layers:
+                    self.top_tiles_layer = None
         except RuntimeError:  # the Qt side of this widget was deleted
             pass
 
@@ -301,23 +493,19 @@ class MirrorWidget(QWidget):
         return out
 
     def refresh_slide_layers(self) -> None:
-        current = self.slide_combo.currentText()
+        current = self.form.slide.value
         names = [layer.name for layer in self.slide_layers()]
-        self.slide_combo.blockSignals(True)
-        self.slide_combo.clear()
-        self.slide_combo.addItems([*names, _NO_SLIDE])
-        if current in names:
-            self.slide_combo.setCurrentText(current)
-        else:
-            self.slide_combo.setCurrentIndex(0)
-        self.slide_combo.blockSignals(False)
+        self.form.set_choices(self.form.slide, [*names, NO_SLIDE], keep=current if current in names else None)
+        if names:
+            # Slides are in µm: a scale bar makes sizes readable at a glance.
+            self.viewer.scale_bar.visible = True
         if current not in names:
             self._on_slide_changed()
         if not names and self._foreign_slide_layers():
             self.status_label.setText(
                 "A slide was opened by another reader (no physical scale). Open it with "
-                "'Open slide…' in this panel (set 'µm per pixel' first if the file has no "
-                "resolution metadata) so it can be analysed."
+                "'Open slide…' in this panel (set µm/px first if the file has no resolution "
+                "metadata) so it can be analysed."
             )
 
     def _foreign_slide_layers(self) -> list[Any]:
@@ -341,7 +529,7 @@ class MirrorWidget(QWidget):
         return out
 
     def selected_slide_layer(self) -> Any | None:
-        name = self.slide_combo.currentText()
+        name = self.form.slide.value
         for layer in self.slide_layers():
             if layer.name == name:
                 return layer
@@ -358,11 +546,9 @@ class MirrorWidget(QWidget):
     def set_slide_layer(self, layer_or_name: Any) -> None:
         name = layer_or_name if isinstance(layer_or_name, str) else layer_or_name.name
         self.refresh_slide_layers()
-        idx = self.slide_combo.findText(name)
-        if idx < 0:
+        if name not in self.form.slide.choices:
             raise ValueError(f"{name!r} is not a slide layer of this viewer")
-        self.slide_combo.setCurrentIndex(idx)
-        self._on_slide_changed()
+        self.form.slide.value = name
 
     def _on_slide_changed(self, *_: Any) -> None:
         layer = self.selected_slide_layer()
@@ -370,23 +556,33 @@ class MirrorWidget(QWidget):
             return
         meta = layer.metadata[METADATA_KEY]
         # Sample data carries its expression table: fill it in when the user has not chosen one.
-        if meta.get("expression_path") and not self.expression_edit.text().strip():
+        if meta.get("expression_path") and not self.form.path_text(self.form.expression):
             self.set_expression_file(meta["expression_path"], sample_id=meta.get("sample_id"))
-        elif self.sample_combo.count():
+        elif self.form.sample.choices:
             self._auto_pick_sample()
 
     # --------------------------------------------------------------------------- inputs
     def set_bundle_file(self, path: str | Path | None) -> None:
-        self.bundle_edit.setText("" if path is None else str(path))
+        self.form.set_path(self.form.bundle, path)
 
     def set_features_file(self, path: str | Path | None) -> None:
-        self.features_edit.setText("" if path is None else str(path))
+        self.form.set_path(self.form.features, path)
 
     def set_device(self, device: str) -> None:
-        idx = self.device_combo.findText(device)
-        if idx < 0:
+        if device not in self.form.device.choices:
             raise ValueError(f"device must be auto, cpu or cuda; got {device!r}")
-        self.device_combo.setCurrentIndex(idx)
+        self.form.device.value = device
+
+    def set_mpp(self, mpp: float | None) -> None:
+        """µm per level-0 pixel for 'Open slide…' (None or 0 = from the file)."""
+        self.form.mpp.value = float(mpp or 0.0)
+
+    def _on_expression_edited(self, *_: Any) -> None:
+        text = self.form.path_text(self.form.expression)
+        if text == getattr(self, "_expression_loaded", None):
+            return
+        if not text or Path(text).is_file():
+            self.set_expression_file(text or None)
 
     def set_expression_file(self, path: str | Path | None, sample_id: str | None = None) -> bool:
         """Use ``path`` as expression table, list its samples and pick the patient's row.
@@ -395,8 +591,10 @@ class MirrorWidget(QWidget):
         Returns False (and notifies) when the table cannot be read.
         """
         text = "" if path is None else str(path).strip()
-        self.expression_edit.setText(text)
-        self.sample_combo.clear()
+        self._expression_loaded = text
+        with self.form.expression.changed.blocked():
+            self.form.set_path(self.form.expression, text)
+        self.form.set_choices(self.form.sample, [])
         if not text:
             return True
         try:
@@ -404,53 +602,51 @@ class MirrorWidget(QWidget):
         except Exception as exc:
             self._notify_error(exc)
             return False
-        self.sample_combo.addItems(samples)
-        if sample_id is not None and sample_id in samples:
-            self.sample_combo.setCurrentText(sample_id)
-        else:
+        self.form.set_choices(self.form.sample, samples, keep=sample_id)
+        if sample_id is None or sample_id not in samples:
             self._auto_pick_sample()
         return True
 
     def _auto_pick_sample(self) -> None:
         layer = self.selected_slide_layer()
-        samples = [self.sample_combo.itemText(i) for i in range(self.sample_combo.count())]
+        samples = list(self.form.sample.choices)
         if layer is None or not samples:
             return
         meta = layer.metadata[METADATA_KEY]
         wanted = meta.get("sample_id")
         if wanted in samples:
-            self.sample_combo.setCurrentText(wanted)
+            self.form.sample.value = wanted
             return
         hit = suggest_sample(samples, meta.get("slide_path") or layer.name)
         if hit is not None:
-            self.sample_combo.setCurrentText(hit)
+            self.form.sample.value = hit
             self.status_label.setText(f"Patient row {hit!r} matched to the slide name.")
 
     def set_sample(self, sample_id: str) -> None:
-        idx = self.sample_combo.findText(sample_id)
-        if idx < 0:
+        if sample_id not in self.form.sample.choices:
             raise ValueError(f"{sample_id!r} is not a row of the expression file")
-        self.sample_combo.setCurrentIndex(idx)
+        self.form.sample.value = sample_id
 
     def current_request(self) -> RunRequest:
         """The inputs as a :class:`RunRequest` (read on the GUI thread)."""
         layer = self.selected_slide_layer()
         meta = layer.metadata[METADATA_KEY] if layer is not None else {}
-        expr = self.expression_edit.text().strip() or None
+        expr = self.form.path_text(self.form.expression) or None
         return RunRequest(
-            bundle_path=self.bundle_edit.text().strip() or None,
+            bundle_path=self.form.path_text(self.form.bundle) or None,
             slide_path=meta.get("slide_path"),
-            features_path=self.features_edit.text().strip() or None,
+            features_path=self.form.path_text(self.form.features) or None,
             expression_path=expr,
-            sample_id=(self.sample_combo.currentText() or None) if expr else None,
-            device=self.device_combo.currentText(),
+            sample_id=(self.form.sample.value or None) if expr else None,
+            device=str(self.form.device.value),
             # a resolution the user gave when opening the slide must reach the tiling too
             mpp=float(meta["mpp"]) if meta.get("mpp_source") == "user" else None,
         )
 
     def display(self) -> HeatmapDisplay:
+        cmap = self.colormap_combo.currentText()
         return HeatmapDisplay(
-            colormap=self.colormap_combo.currentText(),
+            colormap=None if cmap == _AUTO_COLORMAP else cmap,
             opacity=self.opacity_slider.value() / 100.0,
             scaling=self.scaling_combo.currentData() or "percentile",
             smoothing_sigma_tiles=float(self.smoothing_spin.value()),
@@ -459,201 +655,428 @@ class MirrorWidget(QWidget):
     # ------------------------------------------------------------------------------ run
     @property
     def is_running(self) -> bool:
-        return self._worker is not None
+        """A run is going, or its result is still being shown."""
+        return self._box.job is not None or bool(self._steps)
+
+    @property
+    def job(self) -> RunJob | None:
+        """The running job (None when idle)."""
+        return self._box.job
 
     def run(self) -> None:
-        """Start a run in a worker thread; the viewer stays responsive."""
-        if self._worker is not None:
+        """Start a run on a worker thread; the viewer stays responsive."""
+        if self.is_running or self._closed:
             return
         try:
             request = self.current_request().validate()
         except Exception as exc:
             self._notify_error(exc)
             return
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
-        self._cancel = threading.Event()
-        self.last_error = None
-        self._pbar = progress(total=0, desc="MIRROR")
-        self._worker = create_worker(
-            _job,
-            request,
-            progress=self._bridge.progressed.emit,
-            should_stop=self._cancel.is_set,
-            _ignore_errors=True,
+        layer = self._slide_layer_for(request.slide_path)
+        prepare = partial(
+            prepare_result,
+            display=self.display(),
+            map_name=self._map_name,
+            k=self.topk_spin.value(),
+            slide_name=layer.name if layer is not None else "MIRROR",
+            km_width_px=KM_WIDTH_PX,
         )
-        self._worker.returned.connect(self._on_returned)
-        self._worker.finished.connect(self._on_finished)
+        self._clear_error()
+        self._pbar = progress(total=0, desc="MIRROR")
+        self._box.job = RunJob(request, prepare=prepare).start()
+        self._box.hold_gc()
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status_label.setText("Running…")
-        self._worker.start()
+        self._poll.start()
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next check; nothing is added to the viewer."""
-        if self._worker is None:
+        job = self._box.job
+        if job is None:
             return
-        self._cancel.set()
+        job.cancel()
         self.cancel_button.setEnabled(False)
         self.status_label.setText("Cancelling…")
 
-    def _on_progress(self, done: int, total: int, stage: str) -> None:
-        if self._pbar is None or self._worker is None:
-            return  # a late update from a run that has already finished
-        try:
-            if self._pbar.total != total:
-                self._pbar.total = total
-            self._pbar.set_description(f"MIRROR: {stage}")
-            self._pbar.n = min(done, total) if total else done
-            self._pbar.refresh()
-        except Exception:  # a progress bar glitch must never break a run
-            log.debug("progress update failed", exc_info=True)
-        self.status_label.setText(f"{stage}… {done}/{total}" if total else f"{stage}…")
+    def wait(self, timeout_s: float = 300.0) -> bool:
+        """Process events until the running job is shown (scripts and tests). True when idle."""
+        app = QApplication.instance()
+        deadline = time.monotonic() + timeout_s
+        while self.is_running and time.monotonic() < deadline:
+            app.processEvents()
+            time.sleep(0.01)
+        app.processEvents()
+        return not self.is_running
 
-    def _on_finished(self) -> None:
-        self._worker = None
+    def _poll_job(self) -> None:
+        try:
+            self._poll_job_unguarded()
+        except RuntimeError as exc:
+            if "has been deleted" not in str(exc):
+                raise
+            # The viewer is being torn down under this slot (quitting): stop the run; its
+            # outcome has nowhere to go.
+            self._box.cancel()
+
+    def _poll_job_unguarded(self) -> None:
+        job = self._box.job
+        if job is None:
+            self._poll.stop()
+            return
+        p = job.progress()
         if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        try:
-            self.run_button.setEnabled(True)
-            self.cancel_button.setEnabled(False)
-        except RuntimeError:  # widget deleted while running
-            pass
+            try:
+                if self._pbar.total != p.total:
+                    self._pbar.total = p.total
+                self._pbar.set_description(f"MIRROR: {p.stage}")
+                self._pbar.n = min(p.done, p.total) if p.total else p.done
+                self._pbar.refresh()
+            except Exception:  # a progress bar glitch must never break a run
+                log.debug("progress update failed", exc_info=True)
+        if not job.cancel_requested:
+            count = f" {p.done}/{p.total}" if p.total else ""
+            self.status_label.setText(f"{p.stage}…{count} ({p.seconds:.0f} s)")
+        if job.finished:
+            self._finish(job)
 
-    def _on_returned(self, outcome: _Outcome) -> None:
-        try:
-            self._handle_outcome(outcome)
-        except RuntimeError:  # the widget was closed while the run was going
-            log.debug("MIRROR widget gone before its run returned", exc_info=True)
-
-    def _handle_outcome(self, outcome: _Outcome) -> None:
+    def _finish(self, job: RunJob) -> None:
+        self._poll.stop()
+        self._box.job = None
+        self._close_progress()
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        outcome = job.outcome()
         from mirror_model.errors import Cancelled
 
-        if outcome.error is not None or self._cancel.is_set():
-            if outcome.error is None or isinstance(outcome.error, Cancelled):
-                from napari.utils.notifications import show_info
+        if outcome is None:  # pragma: no cover - finished implies an outcome
+            return
+        if outcome.error is not None or outcome.cancelled:
+            self._box.release_gc()
+        if outcome.cancelled or isinstance(outcome.error, Cancelled):
+            from napari.utils.notifications import show_info
 
-                self.status_label.setText("Cancelled; the viewer was left unchanged.")
-                show_info(_ERROR_PREFIX + "run cancelled; nothing was changed.")
-                return
-            if outcome.traceback:
-                log.debug("MIRROR run failed:\n%s", outcome.traceback)
-            self._notify_error(outcome.error)
+            self.status_label.setText(
+                f"Cancelled after {outcome.seconds:.1f} s; the viewer was left unchanged."
+            )
+            show_info(_ERROR_PREFIX + "run cancelled; nothing was changed.")
+            return
+        if outcome.error is not None:
+            self._notify_error(outcome.error, outcome.traceback)
             return
         try:
-            self.show_result(outcome.result)
+            self.show_result(outcome.result, outcome.prepared, staged=True)
         except Exception as exc:
+            self._box.release_gc()
             log.debug("showing the MIRROR result failed", exc_info=True)
-            self._notify_error(exc)
+            import traceback
+
+            self._notify_error(exc, traceback.format_exc())
 
     # --------------------------------------------------------------------------- results
-    def show_result(self, result: RunResult) -> None:
-        """Add the heatmap and top-tile layers and fill the panel (all or nothing)."""
-        from .._layers import heatmap_layer_data, top_tiles, top_tiles_layer_data
+    def show_result(
+        self, result: RunResult, prepared: PreparedResult | None = None, *, staged: bool = False
+    ) -> None:
+        """Add the map and top-tile layers and fill the panel.
 
-        pred = result.prediction
-        # The slide the run was started on (the user may have picked another one meanwhile).
-        layer = self._slide_layer_for(result.request.slide_path)
-        slide_name = layer.name if layer is not None else "MIRROR"
-        has_tiles = getattr(pred, "attention", None) is not None and len(np.asarray(pred.coords_level0)) > 0
-        new_layers: list[Any] = []
-        # A new result replaces the earlier result layers of the same slide (other slides keep theirs).
-        slide_path = result.request.slide_path
-        old = [lyr for lyr in self.result_layers() if lyr.metadata[METADATA_KEY].get("slide_path") == slide_path]
-        source = {"slide_path": result.request.slide_path}
-        heat = tops_layer = None
-        tops: list[TopTile] = []
+        ``prepared`` comes from the job thread; without it (scripts) it is computed here. With
+        ``staged`` (what a run does) the work is cut into steps, one per turn of the event loop,
+        each well under 0.25 s of GUI time (adding a layer, showing its colour bar, drawing the
+        label's new glyphs, filling the panel), so the viewer never freezes while a result
+        appears; :attr:`is_running` stays True until the last step.
+        """
+        if prepared is None:
+            layer = self._slide_layer_for(result.request.slide_path)
+            prepared = prepare_result(
+                result,
+                display=self.display(),
+                map_name=self._map_name,
+                k=self.topk_spin.value(),
+                slide_name=layer.name if layer is not None else "MIRROR",
+                km_width_px=KM_WIDTH_PX,
+            )
+        steps = self._result_steps(result, prepared)
+        if not staged:
+            for step in steps:
+                step()
+            return
+        self._steps = steps
+        self._step_timer.start(0)
+
+    def _next_step(self) -> None:
+        if not self._steps:
+            return
+        step = self._steps.pop(0)
         try:
-            if has_tiles:
-                mpp = float(pred.slide_mpp)
-                data, kw, _ = heatmap_layer_data(
-                    pred,
-                    mpp=mpp,
-                    display=self.display(),
-                    name=f"{slide_name} attention",
-                    source=source,
-                )
-                heat = self.viewer.add_image(data, **kw)
-                new_layers.append(heat)
-                k = self.topk_spin.value()
-                if k > 0:
-                    data, kw, _ = top_tiles_layer_data(
-                        pred, k, mpp=mpp, name=f"{slide_name} top tiles", source=source
-                    )
-                    tops_layer = self.viewer.add_shapes(data, **kw)
-                    new_layers.append(tops_layer)
-                tops = top_tiles(pred, k, mpp=mpp)
-        except Exception:
-            # All or nothing: a failure while adding layers leaves no half result behind.
-            for lyr in new_layers:
-                if lyr in self.viewer.layers:
-                    self.viewer.layers.remove(lyr)
-            raise
-        for lyr in old:
+            step()
+        except RuntimeError as exc:
+            if "has been deleted" in str(exc):  # the viewer is being closed under us
+                self._steps = []
+                self._box.release_gc()
+                return
+            self._abort_steps(exc)
+            return
+        except Exception as exc:
+            self._abort_steps(exc)
+            return
+        if self._steps:
+            # a short pause lets the canvas draw what the step added before the next one
+            self._step_timer.start(STEP_PAUSE_MS)
+
+    def _abort_steps(self, exc: BaseException) -> None:
+        import traceback
+
+        self._steps = []
+        self._box.release_gc()
+        for lyr in self._adding:  # all or nothing: no half result stays behind
             if lyr in self.viewer.layers:
                 self.viewer.layers.remove(lyr)
-        # napari suffixes duplicate names while both generations exist; restore the plain names.
-        if heat is not None:
-            heat.name = f"{slide_name} attention"
-        if tops_layer is not None:
-            tops_layer.name = f"{slide_name} top tiles"
-        self.heatmap_layer, self.top_tiles_layer, self._top = heat, tops_layer, tops
-        if layer is not None:
-            # Keep the slide selected so the layer controls stay on it.
-            self.viewer.layers.selection.active = layer if heat is None else heat
-        self.last_result = result
-        self.results.show_result(pred, result.bundle, result.seconds)
-        self.top_list.clear()
-        for t in tops:
-            item = QListWidgetItem(t.label())
-            item.setData(Qt.ItemDataRole.UserRole, t.rank - 1)
-            self.top_list.addItem(item)
-        for key, b in self.export_buttons.items():
-            b.setEnabled(key in ("png", "json") or has_tiles)
-        self.status_label.setText(
-            f"Done in {result.seconds:.1f} s — {modality_sentence(pred.modalities)}."
-            + ("" if has_tiles else " No heatmap (no slide input).")
+        self._adding = []
+        self.run_button.setEnabled(True)
+        log.debug("showing the MIRROR result failed", exc_info=(type(exc), exc, exc.__traceback__))
+        self._notify_error(exc, "".join(traceback.format_exception(exc)))
+
+    def _result_steps(self, result: RunResult, prepared: PreparedResult) -> list[Any]:
+        pred = result.prediction
+        slide_path = result.request.slide_path
+        layer = self._slide_layer_for(slide_path)
+        heat_name, tops_name = layer_names(layer.name if layer is not None else "MIRROR")
+        # The earlier result layers of the same slide are updated in place: removing a layer
+        # costs napari a full garbage collection (~0.5 s) and adding one builds its controls.
+        old = [lyr for lyr in self.result_layers() if lyr.metadata[METADATA_KEY].get("slide_path") == slide_path]
+        old_heat = next((x for x in old if x.metadata[METADATA_KEY]["kind"] == "heatmap"), None)
+        old_tops = next((x for x in old if x.metadata[METADATA_KEY]["kind"] == "top_tiles"), None)
+        heat, tops = prepared.heatmap, prepared.top_tiles_layer
+        self._adding = []
+        self.run_button.setEnabled(False)
+        steps: list[Any] = []
+
+        def add(lyr: Any) -> None:
+            self.viewer.layers.append(lyr)
+            self._adding.append(lyr)
+
+        def show_colorbar() -> None:
+            heat.colorbar.visible = True
+
+        if heat is not None and old_heat is not None:
+            steps.append(partial(_update_image_layer, old_heat, heat))
+            heat = old_heat
+        elif heat is not None:
+            # the colour bar stays hidden while the layer is added: two short steps
+            heat.colorbar.visible = False
+            steps += [partial(add, heat), show_colorbar]
+        if tops is not None and old_tops is not None:
+            steps.append(partial(_update_shapes_layer, old_tops, tops))
+            tops = old_tops
+        elif tops is not None:
+            # added hidden, then drawn, then its rank numbers (a text visual): three short steps
+            tops.visible = tops.text.visible = False
+            steps += [
+                partial(add, tops),
+                partial(setattr, tops, "visible", True),
+                partial(setattr, tops.text, "visible", True),
+            ]
+        stale = [x for x in old if x is not heat and x is not tops]
+
+        def settle() -> None:
+            for lyr in stale:
+                if lyr in self.viewer.layers:
+                    self.viewer.layers.remove(lyr)
+            if heat is not None:  # napari suffixed the names while both generations existed
+                heat.name = heat_name
+                heat.events.visible.disconnect(self._update_colorbar_label)
+                heat.events.visible.connect(self._update_colorbar_label)
+            if tops is not None:
+                tops.name = tops_name
+            self._adding = []
+            self.heatmap_layer, self.top_tiles_layer = heat, tops
+            self._top = list(prepared.tops)
+            self._map_name = prepared.map_name
+            if layer is not None and heat is not None:
+                self.viewer.layers.selection.active = heat
+            self.viewer.scale_bar.visible = True
+            self.last_result = result
+            self.last_prepared = prepared
+
+        def fill_panel() -> None:
+            s = prepared.summary
+            self.model_view.show_card(s)
+            self.prediction_view.show_summary(s)
+            self.km_view.show_summary(s)
+            self.metrics_view.show_summary(s)
+            self._fill_map_combo(pred, prepared.map_name)
+            self._fill_top_list()
+            has_tiles = heat is not None
+            self.heatmap_section.setEnabled(has_tiles)
+            for key, b in self.export_buttons.items():
+                b.setEnabled(key in ("png", "json") or has_tiles)
+            self.status_label.setText(
+                f"{s.inputs}." + ("" if has_tiles else " No heatmap (no slide input).")
+                + f" Done in {result.seconds:.1f} s."
+            )
+            self.run_button.setEnabled(True)
+            self._box.release_gc()
+
+        steps.append(settle)
+        if prepared.heatmap is not None:
+            label = prepared.heatmap.metadata[METADATA_KEY]["colorbar_label"]
+            steps += [partial(self._warm_glyphs, chunk) for chunk in _glyph_chunks(label)]
+            steps.append(self._update_colorbar_label)
+        steps.append(fill_panel)
+        return steps
+
+    def _warm_glyphs(self, text: str) -> None:
+        """Draw ``text`` once in the (still hidden) label overlay: the canvas renders each new
+        glyph of a label once (~8 ms each under software OpenGL); a few at a time keeps every
+        step short."""
+        overlay = self.viewer.text_overlay
+        overlay.text = text
+        if not overlay.visible:
+            overlay.opacity, overlay.visible = 0.0, True
+        _seen_glyphs.update(text)
+
+    @property
+    def results(self) -> Any:
+        """Displayed strings of the last result (``shown``) and the text of the result view."""
+        from types import SimpleNamespace
+
+        s = self.last_prepared.summary if self.last_prepared is not None else None
+        return SimpleNamespace(
+            shown=dict(s.shown) if s is not None else {},
+            summary_text=self.prediction_view.text.text,
+            model_text=self.model_view.text.text,
+            banner_text=self.model_view.banner.text,
         )
+
+    def _fill_map_combo(self, pred: Any, selected: str | None) -> None:
+        maps = getattr(pred, "maps", None) or {}
+        self.map_combo.blockSignals(True)
+        self.map_combo.clear()
+        for name, m in maps.items():
+            self.map_combo.addItem(m.label, name)
+            self.map_combo.setItemData(self.map_combo.count() - 1, m.description, Qt.ItemDataRole.ToolTipRole)
+        if selected is not None:
+            self.map_combo.setCurrentIndex(max(0, self.map_combo.findData(selected)))
+        self.map_combo.blockSignals(False)
+        self.map_combo.setEnabled(bool(maps))
+        self._update_map_description()
+
+    def _update_map_description(self) -> None:
+        pred = self.last_result.prediction if self.last_result is not None else None
+        maps = getattr(pred, "maps", None) or {}
+        m = maps.get(self._map_name) if self._map_name else None
+        if m is None:
+            self.map_description.setText(
+                "<span style='color:gray'>No per-tile map (no slide input).</span>" if pred is not None
+                else "<span style='color:gray'>Run first.</span>"
+            )
+            return
+        self.map_description.setText(
+            f"{html.escape(m.description)}<br><span style='color:gray'>units: {html.escape(m.units)}"
+            f"; method: {html.escape(m.method)}</span>"
+        )
+
+    def map_names(self) -> list[str]:
+        """Names of the maps in the selector, in order."""
+        return [self.map_combo.itemData(i) for i in range(self.map_combo.count())]
+
+    def select_map(self, name: str) -> None:
+        """Show map ``name`` (a key of ``Prediction.maps``): heatmap, top tiles and exports follow."""
+        idx = self.map_combo.findData(name)
+        if idx < 0:
+            raise ValueError(f"no map {name!r}; the result has {', '.join(self.map_names())}")
+        self.map_combo.setCurrentIndex(idx)
+        self._on_map_changed()
+
+    @property
+    def selected_map_name(self) -> str | None:
+        return self._map_name
+
+    def _on_map_changed(self, *_: Any) -> None:
+        name = self.map_combo.currentData()
+        if name is None or self.last_result is None or name == self._map_name:
+            return
+        self._map_name = name
+        self._apply_display()
+        self._apply_top_k()
+        self._update_map_description()
 
     def _apply_display(self, *_: Any) -> None:
         layer = self.heatmap_layer
         if layer is None or self.last_result is None or layer not in self.viewer.layers:
             return
-        from .._layers import heatmap_grid
+        from .._layers import heatmap_layer_data
 
-        disp = self.display()
-        grid, _lattice = heatmap_grid(self.last_result.prediction, disp)
-        layer.data = grid
-        layer.contrast_limits = disp.contrast_limits(grid)
-        layer.colormap = disp.colormap
-        layer.opacity = disp.opacity
+        data, kw, _ = heatmap_layer_data(
+            self.last_result.prediction,
+            map_name=self._map_name,
+            display=self.display(),
+            name=layer.name,
+            source={"slide_path": self.last_result.request.slide_path},
+        )
+        layer.data = data
+        layer.colormap = kw["colormap"]
+        layer.contrast_limits = kw["contrast_limits"]
+        layer.opacity = kw["opacity"]
+        layer.metadata = {**layer.metadata, **kw["metadata"]}
+        self._update_colorbar_label()
+
+    def _update_colorbar_label(self, *_: Any) -> None:
+        """The colour bar says what the map is: its label, units and colour range, written in a
+        text overlay next to napari's colour bar (which has no title of its own)."""
+        overlay = self.viewer.text_overlay
+        layer = self.heatmap_layer
+        if layer is None or layer not in self.viewer.layers or not layer.visible:
+            if getattr(self, "_owns_text_overlay", False):
+                overlay.visible = False
+            return
+        overlay.text = layer.metadata[METADATA_KEY]["colorbar_label"]
+        overlay.position = "top_right"
+        overlay.font_size = 9
+        overlay.opacity = 1.0
+        overlay.visible = True
+        self._owns_text_overlay = True
 
     def _apply_top_k(self, *_: Any) -> None:
-        if self.last_result is None or getattr(self.last_result.prediction, "attention", None) is None:
+        pred = self.last_result.prediction if self.last_result is not None else None
+        if pred is None or not getattr(pred, "maps", None):
             return
-        from .._layers import top_tiles, top_tiles_layer_data
+        from .._layers import make_layer, top_tiles, top_tiles_layer_data
 
-        pred = self.last_result.prediction
         k = self.topk_spin.value()
-        if self.top_tiles_layer is not None and self.top_tiles_layer in self.viewer.layers:
-            name = self.top_tiles_layer.name
-            self.viewer.layers.remove(self.top_tiles_layer)
-        else:
-            layer = self._slide_layer_for(self.last_result.request.slide_path)
-            name = f"{layer.name if layer is not None else 'MIRROR'} top tiles"
-        self.top_tiles_layer = None
-        if k > 0:
-            data, kw, _ = top_tiles_layer_data(
-                pred, k, mpp=float(pred.slide_mpp), name=name,
-                source={"slide_path": self.last_result.request.slide_path},
+        mpp = float(pred.slide_mpp)
+        self._top = top_tiles(pred, k, map_name=self._map_name, mpp=mpp)
+        name = layer_names(self._slide_name())[1]
+        new = make_layer(
+            top_tiles_layer_data(
+                pred, k, map_name=self._map_name, mpp=mpp, name=name,
+                source={"slide_path": self.last_result.request.slide_path}, tops=self._top,
             )
-            self.top_tiles_layer = self.viewer.add_shapes(data, **kw)
-        self._top = top_tiles(pred, k, mpp=float(pred.slide_mpp))
+        )
+        layer = self.top_tiles_layer
+        if layer is not None and layer in self.viewer.layers:
+            _update_shapes_layer(layer, new)  # in place: no layer removal (a full GC in napari)
+        else:
+            self.top_tiles_layer = new
+            self.viewer.layers.append(new)
+        self._fill_top_list()
+
+    def _slide_name(self) -> str:
+        layer = self._slide_layer_for(self.last_result.request.slide_path) if self.last_result else None
+        return layer.name if layer is not None else "MIRROR"
+
+    def _fill_top_list(self) -> None:
         self.top_list.clear()
+        pred = self.last_result.prediction if self.last_result is not None else None
+        units = ""
+        if pred is not None and self._map_name and getattr(pred, "maps", None):
+            units = pred.maps[self._map_name].units
         for t in self._top:
-            self.top_list.addItem(QListWidgetItem(t.label()))
+            item = QListWidgetItem(t.label())
+            item.setToolTip(f"value {t.value:.4g} ({units}); tile {t.index}")
+            self.top_list.addItem(item)
 
     def _on_top_clicked(self, item: QListWidgetItem) -> None:
         self.go_to_tile(self.top_list.row(item))
@@ -682,19 +1105,27 @@ class MirrorWidget(QWidget):
             raise MirrorError("Nothing to export yet: run MIRROR first.")
         return self.last_result
 
+    def _export_context(self) -> dict[str, Any]:
+        card = self.last_prepared.summary.card if self.last_prepared is not None else None
+        return {"model": card.to_dict() if card is not None else None, "selected_map": self._map_name}
+
     def export_geojson(self, path: str | Path, object_type: str = "tile") -> Path:
-        """QuPath GeoJSON of the last result (one square per tile, level-0 pixels)."""
+        """QuPath GeoJSON of the last result: one square per tile (level-0 pixels), every map's
+        value and percentile, the model card and the displayed map in the collection's
+        properties."""
         from .._export import write_geojson
 
-        return write_geojson(path, self._require_result().prediction, object_type=object_type)
+        return write_geojson(path, self._require_result().prediction, object_type=object_type, **self._export_context())
 
     def export_csv(self, path: str | Path) -> Path:
+        """Per-tile CSV (``Prediction.tiles_table``) under a ``#`` comment header naming the
+        model and the displayed map."""
         from .._export import write_tile_csv
 
-        return write_tile_csv(path, self._require_result().prediction)
+        return write_tile_csv(path, self._require_result().prediction, **self._export_context())
 
     def export_png(self, path: str | Path) -> Path:
-        """Snapshot of the canvas (what the viewer shows now)."""
+        """Snapshot of the canvas as shown, with the colour bar, its label and the scale bar."""
         from .._export import write_png
 
         img = self.viewer.screenshot(canvas_only=True, flash=False)
@@ -710,13 +1141,19 @@ class MirrorWidget(QWidget):
 
             inputs["bundle_path"] = str(default_bundle_path())
             inputs["bundle"] = "embedded demo bundle"
+        d = self.display()
         inputs["display"] = {
-            "colormap": self.display().colormap,
-            "scaling": self.display().scaling,
-            "smoothing_sigma_tiles": self.display().smoothing_sigma_tiles,
+            "map": self._map_name,
+            "colormap": self.heatmap_layer.colormap.name if self.heatmap_layer is not None else None,
+            "scaling": d.scaling,
+            "smoothing_sigma_tiles": d.smoothing_sigma_tiles,
+            "top_k": self.topk_spin.value(),
         }
         inputs["seconds"] = res.seconds
-        return write_report(path, res.prediction, inputs=inputs, bundle=res.bundle)
+        return write_report(
+            path, res.prediction, inputs=inputs, bundle=res.bundle, top_k=self.topk_spin.value(),
+            **self._export_context(),
+        )
 
     def _export_dialog(self, kind: str) -> None:
         filters = {
@@ -741,11 +1178,6 @@ class MirrorWidget(QWidget):
         show_info(f"{_ERROR_PREFIX}saved {out}")
 
     # ---------------------------------------------------------------------------- browse
-    def _browse_bundle(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Model bundle", "", "MIRROR bundle (*.mirror);;All files (*)")
-        if path:
-            self.set_bundle_file(path)
-
     def open_slide_file(self, path: str) -> Any | None:
         """Open ``path`` as a slide layer at the panel's µm/px (or the file's own), select it.
 
@@ -755,12 +1187,12 @@ class MirrorWidget(QWidget):
 
         from .._layers import slide_layer_data
 
-        mpp = float(self.mpp_spin.value()) or None
+        mpp = float(self.form.mpp.value) or None
         try:
             data, kwargs, _ = slide_layer_data(path, mpp=mpp)
         except MirrorError as exc:
             hint = (
-                " Set 'µm per pixel' in this panel and open the slide again."
+                " Set µm/px in this panel and open the slide again."
                 if isinstance(exc, SlideResolutionError)
                 else ""
             )
@@ -768,12 +1200,12 @@ class MirrorWidget(QWidget):
             return None
         layer = self.viewer.add_image(data, **kwargs)
         self.refresh_slide_layers()
-        self.slide_combo.setCurrentText(layer.name)
+        self.form.slide.value = layer.name
         source = "given in this panel" if mpp is not None else "from the file"
         self.status_label.setText(f"Opened {layer.name} at {float(kwargs['scale'][0]):g} µm/px ({source}).")
         return layer
 
-    def _browse_slide(self) -> None:
+    def _browse_slide(self, *_: Any) -> None:
         from .._reader import SLIDE_SUFFIXES
 
         pattern = " ".join(f"*{suffix}" for suffix in SLIDE_SUFFIXES)
@@ -781,34 +1213,51 @@ class MirrorWidget(QWidget):
         if path:
             self.open_slide_file(path)
 
-    def _browse_features(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Patch features", "", "Features (*.h5 *.hdf5);;All files (*)")
-        if path:
-            self.set_features_file(path)
-
-    def _browse_expression(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Expression table", "", "Tables (*.csv *.tsv *.txt *.parquet *.gz);;All files (*)"
-        )
-        if path:
-            self.set_expression_file(path)
-
     # ----------------------------------------------------------------------------- errors
-    def _notify_error(self, exc: BaseException) -> None:
-        """Show a user-facing message (never a traceback) and keep it in ``last_error``."""
+    def _clear_error(self) -> None:
+        self.last_error = None
+        self.last_error_details = ""
+        self.details_button.hide()
+
+    def _notify_error(self, exc: BaseException, details: str = "") -> None:
+        """Show a user-facing message (never a traceback) in the status line and as a
+        notification; the full text (and, for unexpected errors, the traceback) stays behind
+        the Details button."""
         from napari.utils.notifications import show_error
 
         from mirror_model.errors import MirrorError
 
         if isinstance(exc, MirrorError):
             msg = str(exc)
+            full = msg
         else:
-            # Unexpected failure: say what happened in one line; details go to the log.
+            # Unexpected failure: say what happened in one line; the traceback is in Details.
             msg = f"unexpected {type(exc).__name__}: {exc}"
+            full = msg + ("\n\n" + details if details else "")
             log.warning("MIRROR failed", exc_info=(type(exc), exc, exc.__traceback__))
         self.last_error = msg
+        self.last_error_details = full
         try:
-            self.status_label.setText(f"Error: {msg}")
+            first = msg.splitlines()[0] if msg else msg
+            short = first if len(first) <= 300 else first[:297] + "…"
+            self.status_label.setText(f"Error: {short}")
+            self.details_button.show()
         except RuntimeError:
             pass
         show_error(_ERROR_PREFIX + msg)
+
+    def show_error_details(self) -> QMessageBox | None:
+        """A dialog with the whole error message (what the status line and toast shorten)."""
+        if not self.last_error:
+            return None
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Warning)
+        box.setWindowTitle("MIRROR error")
+        box.setText(self.last_error)
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        if self.last_error_details and self.last_error_details != self.last_error:
+            box.setDetailedText(self.last_error_details)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.show()
+        self.error_dialog = box
+        return box
