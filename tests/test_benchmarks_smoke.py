@@ -195,6 +195,7 @@ def test_run_py_list_names_every_benchmark() -> None:
         "extract_vit_s",
         "plugin_run_to_heatmap",
         "plugin_widget_run_to_heatmap",
+        "plugin_show_result_block",
     ):
         assert name in proc.stdout
 
