@@ -173,10 +173,10 @@ def test_metric_headlines_pick_the_inputs_of_the_prediction():
     }
     heads = metric_headlines(metrics, "slide")
     assert [(h.label, h.value) for h in heads] == [
-        ("Subtype macro AUROC (slide only)", "0.91 ± 0.02"),
+        ("Subtype macro AUROC (slide only)", "0.910 ± 0.020"),
         # no slide-only C-index in the bundle: the nearest kind it has, and the label says so
-        ("Survival C-index (slide + expression)", "0.66 ± 0.16"),
-        ("Heatmap vs tumour mask AUROC", "0.79 ± 0.17"),
+        ("Survival C-index (slide + expression)", "0.660 ± 0.160"),
+        ("Heatmap vs tumour mask AUROC", "0.790 ± 0.170"),
     ]
     assert "5 held-out folds" in heads[0].detail
     assert metric_headlines({}, "slide") == []

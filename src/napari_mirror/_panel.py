@@ -179,10 +179,23 @@ _KIND_WORDS = {"slide": "slide only", "rna": "expression only", "both": "slide +
 def _mean_sd(node: Any) -> str | None:
     if not isinstance(node, Mapping) or "mean" not in node:
         return None
-    txt = format_number(node["mean"])
-    if node.get("sd") is not None:
-        txt += f" ± {format_number(node['sd'], 2)}"
-    return txt
+    return _pm(node["mean"], node.get("sd"))
+
+
+def _pm(mean: Any, sd: Any = None) -> str:
+    """``0.999 ± 0.002``: a metric in [0, 1] and its spread, both with three decimals."""
+    try:
+        m = float(mean)
+    except (TypeError, ValueError):
+        return "n/a"
+    if not math.isfinite(m):
+        return "n/a"
+    txt = f"{m:.3f}"
+    try:
+        s = float(sd)
+    except (TypeError, ValueError):
+        return txt
+    return txt + (f" ± {s:.3f}" if math.isfinite(s) else "")
 
 
 def metric_headlines(metrics: Mapping[str, Any], input_kind: str | None) -> list[Headline]:
@@ -217,9 +230,7 @@ def metric_headlines(metrics: Mapping[str, Any], input_kind: str | None) -> list
             out.append(Headline(f"{label} ({words})", txt, f"{task} / {kind} / {metric}"))
     heat = metrics.get("heatmap")
     if isinstance(heat, Mapping) and heat.get("tumour_auroc") is not None:
-        txt = format_number(heat["tumour_auroc"])
-        if heat.get("tumour_auroc_sd") is not None:
-            txt += f" ± {format_number(heat['tumour_auroc_sd'], 2)}"
+        txt = _pm(heat["tumour_auroc"], heat.get("tumour_auroc_sd"))
         out.append(
             Headline(
                 "Heatmap vs tumour mask AUROC",
@@ -266,7 +277,7 @@ def km_plot(
     time_unit: str | None,
     *,
     width_px: int = 360,
-    height_px: int = 330,
+    height_px: int = 290,
     scale: float = 2.0,
 ) -> KMPlot | None:
     """Kaplan–Meier curves of the bundle's reference cohort by risk group (lifelines), with 95 %
@@ -287,7 +298,7 @@ def km_plot(
     dpi = 100.0 * scale
     fig = Figure(figsize=(width_px / 100.0, height_px / 100.0), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.16, 0.36, 0.80, 0.54))
+    ax = fig.add_axes((0.16, 0.33, 0.80, 0.58))
     fitters = []
     labels = []
     for i, (g, (t, e)) in enumerate(groups.items()):
@@ -315,7 +326,7 @@ def km_plot(
     ax.tick_params(labelsize=7)
     ax.set_title("Reference cohort by risk group (95 % CI)", fontsize=8.5)
     ax.legend(fontsize=6.5, loc="lower left", frameon=False)
-    add_at_risk_counts(*fitters, ax=ax, fig=fig, labels=labels, rows_to_show=["At risk"], ypos=-0.32)
+    add_at_risk_counts(*fitters, ax=ax, fig=fig, labels=labels, rows_to_show=["At risk"], ypos=-0.3)
     for txt in fig.findobj(match=lambda a: hasattr(a, "set_fontsize") and a is not ax.title):
         if getattr(txt, "get_text", None) and txt.get_text().strip().startswith(("At risk", "\n")):
             txt.set_fontsize(6.5)
@@ -326,10 +337,13 @@ def km_plot(
     rgba = np.asarray(canvas.buffer_rgba()).copy()
     notes = []
     small = [(g, len(t)) for g, (t, _) in groups.items() if len(t) < SMALL_GROUP]
-    for g, n in small:
+    if small:
+        which = ", ".join(f"{g} {n}" for g, n in small)
+        one = len(small) == 1
         notes.append(
-            f"The {g}-risk reference group has only {n} patients (< {SMALL_GROUP}): its curve "
-            "is uncertain; read the band, not the line."
+            f"Small reference group{'' if one else 's'} ({which} patients; fewer than "
+            f"{SMALL_GROUP}): {'its curve is' if one else 'the curves are'} uncertain; read the "
+            f"band{'' if one else 's'}, not the line{'' if one else 's'}."
         )
     if not time_unit:
         notes.append("The bundle does not record the unit of its survival times.")
@@ -503,6 +517,7 @@ def prepare_result(
     if make_layers:
         heat = make_layer(heat_data)
         heat.colorbar.visible = True
+        heat.colorbar.position = "top_left"  # its label goes in the same corner: napari stacks them
         _check_stop(should_stop)
         top_layer = make_layer(tops_data) if tops_data is not None else None
     return PreparedResult(summary=summary, map_name=name, heatmap=heat, top_tiles_layer=top_layer, tops=tuple(tops))

@@ -1033,7 +1033,7 @@ class MirrorWidget(QWidget):
                 overlay.visible = False
             return
         overlay.text = layer.metadata[METADATA_KEY]["colorbar_label"]
-        overlay.position = "top_right"
+        overlay.position = "top_left"  # under the colour bar (napari stacks a corner's overlays)
         overlay.font_size = 9
         overlay.opacity = 1.0
         overlay.visible = True
