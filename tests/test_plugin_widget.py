@@ -252,11 +252,14 @@ def test_full_run_heatmap_panel_exports_and_screenshot(
     viewer.reset_view()
     tops.visible = False
     heat.visible = False
+    heat.colorbar.visible = False  # the legend (colour bar + label) would cover some cells
     qtbot.wait(200)
     before = viewer.screenshot(canvas_only=True, flash=False)
     heat.visible = True
+    viewer.text_overlay.visible = False
     qtbot.wait(200)
     after = viewer.screenshot(canvas_only=True, flash=False)
+    heat.colorbar.visible = True
     assert after.shape == before.shape
     h, w = after.shape[:2]
     cam = camera_of(viewer)
