@@ -115,8 +115,9 @@ def test_replace_and_overrides_validate():
          "must be <= logit_scale_max = 10.0."),
         ({"retention_stop_gradient": "yes"},
          "ModelConfig.retention_stop_gradient = 'yes' is invalid: must be true or false."),
-        ({"nystrom_exact_when_short": 1},
-         "ModelConfig.nystrom_exact_when_short = 1 is invalid: must be true or false."),
+        ({"slide_attention": "fast"},
+         "ModelConfig.slide_attention = 'fast' is invalid: must be one of auto, short, nystrom, "
+         "reference."),
         ({"heatmap_layer": "middle"},
          "ModelConfig.heatmap_layer = 'middle' is invalid: must be one of first, last."),
         ({"style_hidden_dims": ()},
@@ -127,6 +128,18 @@ def test_invalid_values_get_one_message_naming_field_value_and_rule(changes, mes
     with pytest.raises(ConfigError) as info:
         get_preset("mirror").replace(**changes)
     assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(("old", "mode"), [(True, "short"), (False, "nystrom")])
+def test_configs_with_the_former_exact_when_short_flag_load_with_their_behaviour(old, mode):
+    """Saved models keep computing what they were evaluated with: the former boolean
+    ``nystrom_exact_when_short`` becomes the attention mode it meant (exact up to m tokens /
+    always Nyström); new configs default to "auto"."""
+    legacy = {k: v for k, v in get_preset("mirror").to_dict().items() if k != "slide_attention"}
+    legacy["nystrom_exact_when_short"] = old
+    assert ModelConfig.from_dict(legacy).slide_attention == mode
+    assert get_preset("mirror").replace(nystrom_exact_when_short=old).slide_attention == mode
+    assert get_preset("mirror").slide_attention == "auto"
 
 
 def test_all_zero_weights_rejected():

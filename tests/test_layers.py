@@ -17,6 +17,7 @@ from mirror_model.layers import (
     moore_penrose_pinv,
     sinusoidal_positions,
 )
+from mirror_model.layers.nystrom import exact_attention_max_tokens
 
 
 def _exact_attention(layer: NystromAttention, x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,76 @@ def _exact_attention(layer: NystromAttention, x: torch.Tensor) -> torch.Tensor:
     if layer.res_conv is not None:
         out = out + layer.res_conv(v)
     return layer.to_out(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+def _authors_nystrom(layer: NystromAttention, x: torch.Tensor) -> torch.Tensor:
+    """The authors' Nyström attention written out (the ``nystrom-attention`` package as TransMIL
+    calls it: no mask): zero-pad at the front to a multiple of m, landmarks = segment sums / seg
+    (padding included), three softmaxes over all (padded) positions, the pseudo-inverse started
+    from the batch-wide maxima, ``(A1 · A2⁺) · (A3 · V)`` + value conv, padding rows dropped."""
+    b, n, _ = x.shape
+    h, d, m = layer.heads, layer.head_dim, layer.landmarks
+    pad = (-n) % m
+    xp = F.pad(x, (0, 0, pad, 0))
+    q, k, v = layer.to_qkv(xp).reshape(b, n + pad, 3, h, d).permute(2, 0, 3, 1, 4)
+    q = q * layer.scale
+    seg = (n + pad) // m
+    q_l = q.reshape(b, h, m, seg, d).sum(dim=3) / seg
+    k_l = k.reshape(b, h, m, seg, d).sum(dim=3) / seg
+    a1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)
+    a2 = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)
+    a3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)
+    absx = a2.abs()
+    z = a2.transpose(-1, -2) / (absx.sum(dim=-1).max() * absx.sum(dim=-2).max())
+    eye = torch.eye(m, dtype=x.dtype)
+    for _ in range(layer.pinv_iterations):
+        xz = a2 @ z
+        z = 0.25 * z @ (13 * eye - xz @ (15 * eye - xz @ (7 * eye - xz)))
+    out = (a1 @ z) @ (a3 @ v)
+    if layer.res_conv is not None:
+        out = out + layer.res_conv(v)
+    out = layer.to_out(out.transpose(1, 2).reshape(b, n + pad, h * d))
+    return out[:, pad:]
+
+
+def test_exact_limit_is_the_flop_crossover():
+    """exact (4 n² D) <= Nyström (8 h it m³ + 4 m² D + 8 n m D) up to the limit, not after."""
+
+    def exact(n, dim):
+        return 4 * n * n * dim
+
+    def nystrom(n, dim, heads, m, it):
+        return 8 * heads * it * m**3 + 4 * m * m * dim + 8 * n * m * dim
+
+    for dim, heads, m, it in [(768, 8, 384, 6), (96, 8, 48, 6), (8, 2, 6, 6), (16, 2, 8, 6)]:
+        n = exact_attention_max_tokens(dim, heads, m, it)
+        assert n >= m
+        assert exact(n, dim) <= nystrom(n, dim, heads, m, it)
+        assert exact(n + 1, dim) > nystrom(n + 1, dim, heads, m, it)
+    # the authors' size: their 2,048-tile bags (2,117 tokens with CLS and square padding) are
+    # below the crossover, whole slides (20,000 tiles) far above
+    assert exact_attention_max_tokens(768, 8, 384, 6) == 3099
+    modes = {mode: NystromAttention(768, 8, 384, mode=mode).exact_max_tokens
+             for mode in ("auto", "short", "nystrom", "reference")}  # fmt: skip
+    assert modes == {"auto": 3099, "short": 384, "nystrom": 0, "reference": 0}
+
+
+@pytest.mark.parametrize(("n", "landmarks"), [(13, 4), (12, 4), (3, 8), (40, 7)])
+def test_reference_mode_is_the_authors_nystrom(n, landmarks):
+    torch.manual_seed(6)
+    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=5, mode="reference")
+    layer = layer.double().eval()
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x).out
+        want = _authors_nystrom(layer, x)
+        cls = layer(x, cls_only=True).out
+    assert torch.allclose(got, want, atol=1e-10), (got - want).abs().max()
+    assert torch.allclose(cls, want[:, :1], atol=1e-10)
+    if n % landmarks:  # zero padding takes part in the softmax: not the masked variant
+        layer.mode = "nystrom"
+        with torch.no_grad():
+            assert not torch.allclose(layer(x).out, want, atol=1e-6)
 
 
 def test_pinv_converges_to_the_inverse():
@@ -46,7 +117,7 @@ def test_nystrom_equals_softmax_attention_when_every_landmark_is_one_token():
     torch.manual_seed(0)
     n, dim = 12, 16
     layer = NystromAttention(
-        dim, heads=2, landmarks=n, pinv_iterations=40, conv_kernel=5, exact_when_short=False
+        dim, heads=2, landmarks=n, pinv_iterations=40, conv_kernel=5, mode="nystrom"
     ).double()
     x = torch.randn(1, n, dim, dtype=torch.float64)
     with torch.no_grad():
@@ -54,22 +125,27 @@ def test_nystrom_equals_softmax_attention_when_every_landmark_is_one_token():
         got = layer(x).out
         ref = _exact_attention(layer, x)
         # ... and the short-sequence shortcut computes that limit directly
-        layer.exact_when_short = True
+        layer.mode = "short"
         shortcut = layer(x).out
     assert torch.allclose(got, ref, atol=1e-6), (got - ref).abs().max()
     assert torch.allclose(shortcut, ref, atol=1e-12), (shortcut - ref).abs().max()
 
 
+@pytest.mark.parametrize("mode", ["auto", "short"])
 @pytest.mark.parametrize("cls_only", [False, True])
-def test_short_samples_get_exact_attention_long_ones_nystrom_in_one_batch(cls_only):
-    """Lengths 3 and 6 <= m = 6 take the exact path, 13 and 20 the Nyström path; every sample
-    in the padded batch equals itself alone, and the short ones equal exact attention."""
+def test_short_samples_get_exact_attention_long_ones_nystrom_in_one_batch(cls_only, mode):
+    """Samples up to the layer's exact limit (auto: the FLOP crossover; short: m = 6) take the
+    exact path, longer ones Nyström; every sample in the padded batch equals itself alone, the
+    short ones equal exact attention and the long ones are really approximated."""
     torch.manual_seed(4)
-    layer = NystromAttention(8, heads=2, landmarks=6, conv_kernel=5).double().eval()
-    lengths = [13, 3, 20, 6]
+    layer = NystromAttention(8, heads=2, landmarks=6, conv_kernel=5, mode=mode).double().eval()
+    limit = layer.exact_max_tokens
+    assert limit == (exact_attention_max_tokens(8, 2, 6, 6) if mode == "auto" else 6)
+    lengths = [limit + 7, 3, limit + 14, limit]
+    total = max(lengths)
     xs = [torch.randn(1, n, 8, dtype=torch.float64) for n in lengths]
-    batch = torch.randn(4, 20, 8, dtype=torch.float64) * 50  # garbage padding
-    keys = torch.zeros(4, 20, dtype=torch.bool)
+    batch = torch.randn(4, total, 8, dtype=torch.float64) * 50  # garbage padding
+    keys = torch.zeros(4, total, dtype=torch.bool)
     for i, x in enumerate(xs):
         batch[i, : lengths[i]] = x[0]
         keys[i, 1 : lengths[i]] = True
@@ -82,7 +158,7 @@ def test_short_samples_get_exact_attention_long_ones_nystrom_in_one_batch(cls_on
             assert torch.allclose(
                 res.cls_attention[i, : lengths[i]], alone.cls_attention[0], atol=1e-12
             )
-            if lengths[i] <= 6:
+            if lengths[i] <= limit:
                 assert torch.allclose(alone.out[0], _exact_attention(layer, x)[0, :n_out], atol=1e-12)
             else:  # the long ones really are approximated (not silently exact)
                 assert not torch.allclose(
@@ -94,7 +170,9 @@ def test_nystrom_is_close_to_exact_with_few_landmarks_on_smooth_inputs():
     # with fewer landmarks it is an approximation: check it is a reasonable one
     torch.manual_seed(1)
     n, dim = 64, 16
-    layer = NystromAttention(dim, heads=2, landmarks=16, pinv_iterations=6, conv_kernel=0).double()
+    layer = NystromAttention(
+        dim, heads=2, landmarks=16, pinv_iterations=6, conv_kernel=0, mode="nystrom"
+    ).double()
     base = torch.randn(1, 16, dim, dtype=torch.float64)
     x = base.repeat_interleave(4, dim=1) + 0.01 * torch.randn(1, n, dim, dtype=torch.float64)
     with torch.no_grad():
@@ -122,11 +200,13 @@ def test_cls_attention_is_the_exact_softmax_row():
     assert torch.allclose(att.sum(-1), torch.ones(2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("mode", ["auto", "nystrom", "reference"])
 @pytest.mark.parametrize("landmarks", [3, 4, 7, 32])
-def test_padding_is_masked_exactly(landmarks):
+def test_padding_is_masked_exactly(landmarks, mode):
     """A sample inside a padded batch gives the same output as alone (valid positions)."""
     torch.manual_seed(3)
-    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=5).double().eval()
+    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=5, mode=mode)
+    layer = layer.double().eval()
     lengths = [13, 5, 1, 20]
     xs = [torch.randn(1, n, 8, dtype=torch.float64) for n in lengths]
     batch = torch.randn(4, 20, 8, dtype=torch.float64) * 50  # garbage padding
@@ -164,7 +244,7 @@ def test_dense_and_masked_landmarks_agree(length, landmarks):
 
 @pytest.mark.parametrize("landmarks", [4, 16])  # 16: the second sample takes the exact path
 def test_nystrom_runs_under_bf16_autocast(landmarks):
-    layer = NystromAttention(16, heads=2, landmarks=landmarks)
+    layer = NystromAttention(16, heads=2, landmarks=landmarks, mode="short")
     x = torch.randn(2, 30, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(
@@ -250,12 +330,13 @@ def test_value_conv_sees_zeros_beyond_the_sequence():
     )
 
 
+@pytest.mark.parametrize("mode", ["nystrom", "auto", "reference"])
 @pytest.mark.parametrize(("landmarks", "conv_kernel"), [(4, 5), (7, 33), (32, 0)])
-def test_cls_only_equals_position_zero_of_the_full_output(landmarks, conv_kernel):
+def test_cls_only_equals_position_zero_of_the_full_output(landmarks, conv_kernel, mode):
     """The last-layer shortcut gives the full layer's position-0 output and CLS attention,
     unbatched and inside a padded batch, and its gradient flows to the same parameters."""
     torch.manual_seed(5)
-    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=conv_kernel)
+    layer = NystromAttention(8, heads=2, landmarks=landmarks, conv_kernel=conv_kernel, mode=mode)
     layer = layer.double().eval()
     lengths = torch.tensor([13, 5, 1, 20])
     x = torch.randn(4, 20, 8, dtype=torch.float64)

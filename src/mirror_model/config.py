@@ -37,6 +37,7 @@ __all__ = [
     "HEATMAP_LAYERS",
     "LOSS_NAMES",
     "PRESETS",
+    "SLIDE_ATTENTION_MODES",
     "ModelConfig",
     "get_preset",
     "list_presets",
@@ -47,6 +48,12 @@ LOSS_NAMES: tuple[str, ...] = ("align", "ret_slide", "ret_rna", "style", "cluste
 
 _SLIDE_ENCODERS = ("transmil", "abmil")
 _RNA_ENCODERS = ("mirror", "mlp")
+#: ``ModelConfig.slide_attention`` values (== mirror_model.layers.nystrom.ATTENTION_MODES).
+SLIDE_ATTENTION_MODES: tuple[str, ...] = ("auto", "short", "nystrom", "reference")
+#: Renamed fields of older configs: old name -> function(value) -> {new name: value}.
+_LEGACY_FIELDS = {
+    "nystrom_exact_when_short": lambda v: {"slide_attention": "short" if v else "nystrom"},
+}
 #: TransMIL layers whose CLS attention row can be the heatmap (``ModelConfig.heatmap_layer``).
 HEATMAP_LAYERS: tuple[str, ...] = ("first", "last")
 
@@ -74,10 +81,16 @@ class ModelConfig:
     slide_heads, slide_landmarks, pinv_iterations, nystrom_conv_kernel, ppeg_kernels, slide_dropout
         TransMIL settings. ``slide_landmarks = 0`` means D/2 (the authors' choice);
         ``nystrom_conv_kernel = 0`` disables the depthwise value convolution.
-    nystrom_exact_when_short
-        Slides (or decoder sequences) with at most ``landmarks`` tokens get exact softmax
-        attention, the value Nyström converges to, instead of the iterated pseudo-inverse
-        (``True``, much faster for short sequences); ``False`` iterates as the reference does.
+    slide_attention
+        How the TransMIL (and slide retention decoder) layers attend: ``"auto"`` (default) gives
+        each sample exact softmax attention when that costs fewer FLOPs than Nyström (up to
+        3,099 tokens at D = 768, m = 384: the authors' 2,048-tile bags) and Nyström above (whole
+        slides at inference); ``"short"`` exact only up to ``landmarks`` tokens (where Nyström
+        converges to it); ``"nystrom"`` always Nyström (padding masked); ``"reference"`` the
+        authors' behaviour, always Nyström with zero padding that takes part in the softmax.
+        See :mod:`mirror_model.layers.nystrom`. Configs written with the former boolean
+        ``nystrom_exact_when_short`` load as ``"short"`` (true) / ``"nystrom"`` (false), so a
+        saved model computes what it was evaluated with.
     heatmap_layer
         Which TransMIL layer's CLS attention row is the per-tile heatmap: ``"first"`` (default;
         its keys are the tiles themselves) or ``"last"`` (the authors' choice, whose keys are
@@ -121,7 +134,7 @@ class ModelConfig:
     nystrom_conv_kernel: int = 33
     ppeg_kernels: tuple[int, ...] = (7, 5, 3)
     slide_dropout: float = 0.1
-    nystrom_exact_when_short: bool = True
+    slide_attention: str = "auto"
     heatmap_layer: str = "first"
     # gated ABMIL (design §1.10)
     abmil_attention_dim: int = 256
@@ -194,6 +207,7 @@ class ModelConfig:
         12 RNA heads into 8); the returned config states the value used. The constructor never
         adjusts anything.
         """
+        changes = _translate_legacy(changes)
         _check_names(changes, "ModelConfig.replace")
         width = changes.get("embed_dim")
         if is_int(width) and width > 0:
@@ -216,6 +230,7 @@ class ModelConfig:
         """Build from :meth:`to_dict` output; unknown keys raise ConfigError naming them."""
         if not isinstance(data, dict):
             raise ConfigError(f"model config must be a JSON object; got {type(data).__name__}.")
+        data = _translate_legacy(data)
         _check_names(data, "model config")
         return cls(**data)
 
@@ -235,6 +250,16 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------- validation helpers
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _translate_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with renamed fields of older configs under their current names."""
+    data = dict(data)
+    for old, translate in _LEGACY_FIELDS.items():
+        if old in data:
+            for new, value in translate(data.pop(old)).items():
+                data.setdefault(new, value)
+    return data
 
 
 def _check_names(data: dict[str, Any], where: str) -> None:
@@ -269,6 +294,7 @@ def _validate(c: ModelConfig) -> None:
     v.integer("n_prototypes", 2)
     v.choice("slide_encoder", _SLIDE_ENCODERS)
     v.choice("heatmap_layer", HEATMAP_LAYERS)
+    v.choice("slide_attention", SLIDE_ATTENTION_MODES)
     v.choice("rna_encoder", _RNA_ENCODERS)
     v.int_sequence("ppeg_kernels", non_empty=True)
     v.rule(
@@ -293,7 +319,6 @@ def _validate(c: ModelConfig) -> None:
     for name in (
         "align_normalize_after_head",
         "retention_stop_gradient",
-        "nystrom_exact_when_short",
     ):
         v.boolean(name)
     for n in LOSS_NAMES:

@@ -17,14 +17,21 @@ changes the result for an unpadded sequence except where stated:
 * **Per-matrix scaling of the pseudo-inverse start point** (the reference uses one global maximum
   over the whole batch, which couples the samples of a batch). The pseudo-inverse is always
   computed in float32, also under bf16 autocast.
-* **Short sequences get exact attention** (``exact_when_short``, default on). When a sample has at
-  most m valid tokens every landmark is a single token, so the Nyström product is
-  ``A·A⁺·A·V`` with ``A = softmax(QKᵀ)`` — exact softmax attention once the pseudo-inverse has
-  converged. We then compute ``softmax(QKᵀ)V`` directly: the value Nyström approximates, without
-  the m×m pseudo-inverse iterations that cost far more than the attention itself (a 257-token
-  slide with m = 384 spent 93 % of a training step in them). The choice is made per sample, on
-  its own valid length, so a sample inside a padded batch still equals the sample alone. The
-  reference always iterates; ``exact_when_short=False`` reproduces that.
+* **Exact attention where it is cheaper** (``mode="auto"``, the default). Nyström pays a fixed
+  ``8·h·iters·m³`` FLOPs for the pseudo-inverse of the m×m landmark kernels (21.7 GFLOP per
+  layer and sample at D = 768, m = 384, 6 iterations) plus ``8·n·m·D`` for its two attention
+  products; exact softmax attention costs ``4·n²·D``. Below the crossover
+  (:func:`exact_attention_max_tokens`: 3,099 tokens at the authors' size, so their 2,048-tile
+  bags) a sample gets exact fused attention (``scaled_dot_product_attention``, still O(n)
+  memory), above it Nyström. For n ≤ m every landmark is a single token and Nyström converges
+  to exactly this value; for m < n ≤ crossover it is the value Nyström approximates. The
+  choice is made per sample, on its own valid length, so a sample inside a padded batch
+  still equals the sample alone.
+* ``mode="short"``: exact attention only where it is what Nyström converges to (n ≤ m),
+  Nyström above — the rule of models saved before ``"auto"`` existed, kept so that they
+  compute what they were evaluated with. ``mode="nystrom"``: always Nyström (masked padding,
+  as above). ``mode="reference"``: the authors' behaviour — always Nyström, the sequence zero-padded at the front to a multiple of
+  m, the padding tokens taking part in every softmax and in the landmark means.
 """
 
 from __future__ import annotations
@@ -36,7 +43,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NystromAttention", "NystromLayer", "NystromResult", "moore_penrose_pinv"]
+__all__ = [
+    "ATTENTION_MODES",
+    "NystromAttention",
+    "NystromLayer",
+    "NystromResult",
+    "exact_attention_max_tokens",
+    "moore_penrose_pinv",
+]
+
+#: ``mode`` of :class:`NystromAttention` (``ModelConfig.slide_attention``).
+ATTENTION_MODES: tuple[str, ...] = ("auto", "short", "nystrom", "reference")
+
+
+def exact_attention_max_tokens(dim: int, heads: int, landmarks: int, pinv_iterations: int) -> int:
+    """Longest sequence for which exact softmax attention needs no more FLOPs than Nyström.
+
+    Forward FLOPs per sample beyond what both share (projections, value convolution):
+    exact ``4·n²·D`` (Q·Kᵀ and P·V); Nyström ``8·h·iters·m³`` (pseudo-inverse: 4 products of
+    m×m per iteration and head) ``+ 4·m²·D`` (landmark kernel, Ã⁺·(…)) ``+ 8·n·m·D`` (the two
+    n×m attention products). Returns the largest n with exact <= Nyström (at least m); the
+    backward pass roughly doubles both sides alike.
+    """
+    m, d = int(landmarks), int(dim)
+    a = 4.0 * d
+    b = -8.0 * m * d
+    c = -(8.0 * heads * pinv_iterations * m**3 + 4.0 * m * m * d)
+    n = int(math.floor((-b + math.sqrt(b * b - 4.0 * a * c)) / (2.0 * a)))
+    return max(n, m)
 
 
 def _at_least_f32(t: Tensor) -> Tensor:
@@ -44,13 +78,14 @@ def _at_least_f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def moore_penrose_pinv(x: Tensor, iterations: int = 6) -> Tensor:
+def moore_penrose_pinv(x: Tensor, iterations: int = 6, per_matrix: bool = True) -> Tensor:
     """Iterative Moore–Penrose pseudo-inverse of square matrices ``x [..., m, m]``.
 
     The cubic iteration of Razavi et al. (2014), as used by Nyströmformer:
     ``Z ← ¼ Z (13 I − XZ (15 I − XZ (7 I − XZ)))``, started at ``Z₀ = Xᵀ / (‖X‖₁ ‖X‖∞)``
-    computed per matrix. Always runs in at least float32 (bf16 is too coarse for it) and returns
-    float32 (float64 for float64 input).
+    computed per matrix (``per_matrix=False``: the maxima over the whole batch, as the
+    reference, which couples the samples of a batch). Always runs in at least float32 (bf16 is
+    too coarse for it) and returns float32 (float64 for float64 input).
     """
     device_type = x.device.type
     with torch.autocast(device_type=device_type, enabled=False):
@@ -58,7 +93,10 @@ def moore_penrose_pinv(x: Tensor, iterations: int = 6) -> Tensor:
         abs_x = x.abs()
         norm_1 = abs_x.sum(dim=-2).amax(dim=-1)  # max column sum
         norm_inf = abs_x.sum(dim=-1).amax(dim=-1)  # max row sum
-        z = x.transpose(-1, -2) / (norm_1 * norm_inf)[..., None, None]
+        if per_matrix:
+            z = x.transpose(-1, -2) / (norm_1 * norm_inf)[..., None, None]
+        else:
+            z = x.transpose(-1, -2) / (norm_1.max() * norm_inf.max())
         shape, m = x.shape, x.shape[-1]
         eye = torch.eye(m, dtype=x.dtype, device=x.device)
         # cI − XZ·T as one fused product-and-add (baddbmm broadcasts the m×m cI): no negation pass
@@ -123,9 +161,11 @@ class NystromAttention(nn.Module):
         Kernel length of the depthwise value convolution along the sequence (0 = off).
     dropout
         Dropout on the output projection.
-    exact_when_short
-        Samples with at most ``landmarks`` valid tokens get exact softmax attention (the value
-        Nyström converges to) instead of the iterated pseudo-inverse; see the module docstring.
+    mode
+        ``"auto"`` (exact attention for samples of at most :attr:`exact_max_tokens` valid
+        tokens, where it is cheaper, Nyström above), ``"short"`` (exact only up to ``landmarks``
+        tokens), ``"nystrom"`` (always Nyström) or ``"reference"`` (always Nyström with the
+        authors' zero padding); see the module docstring.
     """
 
     def __init__(
@@ -136,18 +176,20 @@ class NystromAttention(nn.Module):
         pinv_iterations: int = 6,
         conv_kernel: int = 33,
         dropout: float = 0.0,
-        exact_when_short: bool = True,
+        mode: str = "auto",
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {ATTENTION_MODES}")
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
         self.landmarks = int(landmarks)
         self.pinv_iterations = int(pinv_iterations)
         self.scale = self.head_dim**-0.5
-        self.exact_when_short = bool(exact_when_short)
+        self.mode = mode
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
@@ -160,6 +202,15 @@ class NystromAttention(nn.Module):
             )  # fmt: skip
         else:
             self.res_conv = None
+
+    @property
+    def exact_max_tokens(self) -> int:
+        """Samples with at most this many valid tokens get exact attention (0 = never)."""
+        if self.mode == "auto":
+            return exact_attention_max_tokens(
+                self.dim, self.heads, self.landmarks, self.pinv_iterations
+            )
+        return self.landmarks if self.mode == "short" else 0
 
     # ------------------------------------------------------------------ landmarks
     def _landmarks_dense(self, t: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -246,18 +297,28 @@ class NystromAttention(nn.Module):
             of all tokens (the query landmarks are the projected segment means of ``x``, which is
             the same by linearity).
         """
-        bsz, length, _ = x.shape
-        h, d = self.heads, self.head_dim
+        length = x.shape[1]
         if lengths is not None and bool((lengths >= length).all()):
             lengths = None
-        if self.exact_when_short:  # per sample: at most m valid tokens -> exact attention
-            short = None if lengths is None else lengths <= self.landmarks
-            if (length <= self.landmarks) if short is None else bool(short.all()):
+        if self.mode == "reference":
+            return self._forward_reference(x, lengths, cls_key_mask, cls_only)
+        limit = self.exact_max_tokens  # per sample: exact attention where it is cheaper
+        if limit:
+            short = None if lengths is None else lengths <= limit
+            if (length <= limit) if short is None else bool(short.all()):
                 return self._forward_exact(x, lengths, cls_key_mask, cls_only)
             if short is not None and bool(short.any()):
                 return self._forward_split(x, lengths, cls_key_mask, cls_only, short)
         if cls_only:
             return self._forward_cls(x, lengths, cls_key_mask)
+        return self._forward_nystrom(x, lengths, cls_key_mask)
+
+    def _forward_nystrom(
+        self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None, cls_pos: int = 0
+    ) -> NystromResult:
+        """Nyström attention over all positions (the query at ``cls_pos`` gives the CLS row)."""
+        bsz, length, _ = x.shape
+        h, d = self.heads, self.head_dim
         qkv = self.to_qkv(x).reshape(bsz, length, 3, h, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, L, d]
         # The softmax scale 1/sqrt(d) multiplies every logit (q·k, q̃·k, q̃·k̃ alike) and the
@@ -283,9 +344,39 @@ class NystromAttention(nn.Module):
 
         out = out.transpose(1, 2).reshape(bsz, length, h * d)
         out = self.dropout(self.to_out(out))
-        return NystromResult(
-            out=out, cls_attention=self._cls_attention(q[:, :, :1], k, cls_key_mask)
-        )
+        q_cls = q[:, :, cls_pos : cls_pos + 1]
+        return NystromResult(out=out, cls_attention=self._cls_attention(q_cls, k, cls_key_mask))
+
+    def _forward_reference(
+        self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None, cls_only: bool
+    ) -> NystromResult:
+        """The authors' Nyström: zero-pad at the front to a multiple of m, padding tokens
+        included in every softmax and landmark mean; outputs of the padding dropped. A padded
+        batch runs sample by sample on each valid prefix (the reference has no masks)."""
+        bsz, length, _ = x.shape
+        if lengths is not None:
+            return self._per_sample(x, lengths, cls_key_mask, cls_only, self._forward_reference)
+        pad = (-length) % self.landmarks
+        xp = F.pad(x, (0, 0, pad, 0))  # zero tokens -> zero q, k, v (to_qkv has no bias)
+        mask_p = None if cls_key_mask is None else F.pad(cls_key_mask, (pad, 0), value=False)
+        res = self._forward_nystrom(xp, None, mask_p, cls_pos=pad)
+        out = res.out[:, pad : pad + 1] if cls_only else res.out[:, pad:]
+        att = None if res.cls_attention is None else res.cls_attention[:, pad:]
+        return NystromResult(out=out, cls_attention=att)
+
+    def _per_sample(self, x, lengths, cls_key_mask, cls_only, fn) -> NystromResult:
+        """Run ``fn`` on each sample's valid prefix; outputs zero-padded back to the batch length."""
+        length = x.shape[1]
+        outs, atts = [], []
+        for b in range(x.shape[0]):
+            n = int(lengths[b])
+            mask_b = None if cls_key_mask is None else cls_key_mask[b : b + 1, :n]
+            res = fn(x[b : b + 1, :n], None, mask_b, cls_only)
+            n_out = res.out.shape[1]
+            outs.append(F.pad(res.out, (0, 0, 0, (1 if cls_only else length) - n_out)))
+            if res.cls_attention is not None:
+                atts.append(F.pad(res.cls_attention, (0, length - n)))
+        return NystromResult(out=torch.cat(outs), cls_attention=torch.cat(atts) if atts else None)
 
     def _queries(self, t: Tensor) -> Tensor:
         """Queries ``[B, h, n, d]`` of the (normed) tokens ``t [B, n, D]``."""
@@ -317,7 +408,7 @@ class NystromAttention(nn.Module):
     def _forward_exact(
         self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None, cls_only: bool
     ) -> NystromResult:
-        """Exact softmax attention for samples with at most ``landmarks`` valid tokens."""
+        """Exact softmax attention (samples of at most :attr:`exact_max_tokens` valid tokens)."""
         bsz, length, _ = x.shape
         key_valid = _key_valid(length, lengths, x.device)
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
@@ -386,7 +477,9 @@ class NystromAttention(nn.Module):
             if lm_valid is not None:
                 eye = torch.eye(self.landmarks, device=k.device, dtype=kernel.dtype)
                 kernel = torch.where(lm_valid[:, None, :, None], kernel, eye)
-            kernel_pinv = moore_penrose_pinv(kernel, self.pinv_iterations)
+            kernel_pinv = moore_penrose_pinv(
+                kernel, self.pinv_iterations, per_matrix=self.mode != "reference"
+            )
         # softmax(Q̃ Kᵀ) V : [B, h, m, d]
         landmark_values = F.scaled_dot_product_attention(
             q_l.to(k.dtype), k, v, attn_mask=key_mask, scale=scale
@@ -442,13 +535,11 @@ class NystromLayer(nn.Module):
         pinv_iterations: int = 6,
         conv_kernel: int = 33,
         dropout: float = 0.1,
-        exact_when_short: bool = True,
+        mode: str = "auto",
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(
-            dim, heads, landmarks, pinv_iterations, conv_kernel, dropout, exact_when_short
-        )
+        self.attn = NystromAttention(dim, heads, landmarks, pinv_iterations, conv_kernel, dropout, mode)
 
     def forward(
         self,

@@ -148,7 +148,7 @@ class SlideRetention(nn.Module):
                 config.pinv_iterations,
                 config.nystrom_conv_kernel,
                 config.slide_dropout,
-                config.nystrom_exact_when_short,
+                config.slide_attention,
             )  # fmt: skip
             for _ in range(config.slide_decoder_depth)
         )

@@ -53,7 +53,7 @@ class TransMILEncoder(nn.Module):
     ----------
     config
         Uses ``patch_dim, embed_dim, slide_heads, landmarks, pinv_iterations,
-        nystrom_conv_kernel, ppeg_kernels, slide_dropout, nystrom_exact_when_short, heatmap_layer``.
+        nystrom_conv_kernel, ppeg_kernels, slide_dropout, slide_attention, heatmap_layer``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -72,7 +72,7 @@ class TransMILEncoder(nn.Module):
             pinv_iterations=config.pinv_iterations,
             conv_kernel=config.nystrom_conv_kernel,
             dropout=config.slide_dropout,
-            exact_when_short=config.nystrom_exact_when_short,
+            mode=config.slide_attention,
         )
         self.layer1 = NystromLayer(**layer_kw)
         self.ppeg = PPEG(d, config.ppeg_kernels)
