@@ -75,7 +75,8 @@ def cases(ctx: Context) -> list[Case]:
 class _Step:
     """Model, optimizer and one training step of the trainer's loop."""
 
-    def __init__(self, ctx: Context, sz: dict[str, int], device, precision: str) -> None:
+    def __init__(self, ctx: Context, sz: dict[str, int], device, precision: str,
+                 overrides: dict[str, Any] | None = None) -> None:
         import torch
 
         from mirror_model.models import create_model
@@ -83,7 +84,7 @@ class _Step:
         torch.manual_seed(0)
         self.device, self.precision = device, precision
         self.model = create_model("mirror", patch_dim=sz["patch_dim"], n_genes=sz["n_genes"],
-                                  embed_dim=sz["embed_dim"]).to(device).train()
+                                  embed_dim=sz["embed_dim"], **(overrides or {})).to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-5, weight_decay=0.0)
         g = torch.Generator(device="cpu").manual_seed(1)
         self.x = torch.randn(sz["batch"], sz["n_tiles"], sz["patch_dim"], generator=g).to(device)
