@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _bundle_helpers import build_case
 
 from mirror_model.bundle import (
@@ -20,6 +21,7 @@ from mirror_model.bundle import (
 )
 from mirror_model.errors import BundleError
 from mirror_model.inference import predict
+from mirror_model.models import INFERENCE_PREFIXES, inference_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,23 @@ def test_round_trip_file_gives_identical_predictions(case):
     # the state dict is restored bit for bit
     for k, v in case.state.items():
         np.testing.assert_array_equal(loaded.model_state[k], v.numpy())
+
+
+def test_bundle_holds_the_encoders_and_old_full_bundles_still_load(case, tmp_path):
+    """A bundle needs the encoders only (pretraining heads, decoders and prototypes stay in the
+    run folder); a bundle holding the whole pretraining model (as written before) loads to the
+    same inference model, and both predict identically."""
+    lean = save_bundle(case.document, tmp_path / "lean.mirror", inference_state_dict(case.state))
+    assert lean.stat().st_size < 0.9 * case.path.stat().st_size
+    full, small = load_bundle(case.path), load_bundle(lean)
+    assert set(small.model_state) == set(inference_state_dict(case.state))
+    assert all(k.startswith(INFERENCE_PREFIXES) for k in small.model.state_dict())
+    for m in (full.model, small.model):
+        assert m.training_parts is False and m.style is None and m.slide_retention is None
+    _assert_same(_predict_all(full, case), _predict_all(small, case))
+    with pytest.raises(RuntimeError, match="inference model"):
+        small.model(features=torch.zeros(1, 4, small.config.patch_dim),
+                    rna=torch.zeros(1, small.config.n_genes))  # fmt: skip
 
 
 def test_round_trip_folder_and_resave(case, tmp_path):
@@ -245,8 +264,8 @@ def test_missing_preprocessing_is_refused(case, tmp_path):
 
 
 def test_missing_model_tensor_is_refused(case, tmp_path):
-    state = {k: v for k, v in case.state.items() if k != next(iter(case.state))}
-    missing = next(iter(case.state))
+    missing = next(k for k in case.state if k.startswith(INFERENCE_PREFIXES))
+    state = {k: v for k, v in case.state.items() if k != missing}
     p = save_bundle(case.document, tmp_path / "partial.mirror", state)
     with pytest.raises(BundleError) as ei:
         load_bundle(p)

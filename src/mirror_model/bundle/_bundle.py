@@ -201,7 +201,7 @@ class Bundle:
 
     @property
     def model(self) -> Any:
-        """The torch model (on CPU, eval mode) with the bundle's weights loaded."""
+        """The inference model (the encoders; on CPU, eval mode) with the bundle's weights."""
         if "model" not in self._cache:
             self._cache["model"] = self._build_model()
         return self._cache["model"]
@@ -212,7 +212,7 @@ class Bundle:
         from ..models import create_model
 
         try:
-            model = create_model(self.config)
+            model = create_model(self.config, training_parts=False)
         except BundleError:
             raise
         except Exception as exc:
@@ -220,7 +220,12 @@ class Bundle:
                 f"{self._where()}: cannot build the model {self.preset!r} from the bundle's "
                 f"configuration ({exc})."
             ) from None
-        state = {k: torch.from_numpy(np.array(v)) for k, v in self.model_state.items()}
+        from ..models import checkpoint_filter_fn
+
+        # older bundles hold the whole pretraining model: keep the encoders
+        state = checkpoint_filter_fn(
+            {k: torch.from_numpy(np.array(v)) for k, v in self.model_state.items()}, model
+        )
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

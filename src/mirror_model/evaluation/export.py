@@ -427,6 +427,10 @@ def export_bundle(
         if expression_only
         else _tiling(run_path, enc, attrs)
     )
+    from ..models import inference_state_dict
+
+    # the encoders only: pretraining heads, decoders and prototypes stay in the run folder
+    state = {k: v.detach().cpu() for k, v in inference_state_dict(fm.model.state_dict()).items()}
     doc = build_document(
         config=fm.model_config,
         preset=run.preset or getattr(fm.model_config, "name", "custom"),
@@ -442,11 +446,10 @@ def export_bundle(
         metrics=metrics,
         training=training,
         source={"run": run_path.resolve().name, "fold": fold, "notes": notes},
-        n_parameters=int(sum(p.numel() for p in fm.model.parameters())),
+        n_parameters=int(sum(v.numel() for v in state.values())),
         provenance=_provenance(provenance, out, training),
     )
     doc["tiling"].update(tiling)
-    state = {k: v.detach().cpu() for k, v in fm.model.state_dict().items()}
     path = save_bundle(doc, out, state)
     report(progress, 3, 3, "bundle written")
     return ExportResult(

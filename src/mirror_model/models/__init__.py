@@ -29,6 +29,7 @@ from .rna_mlp import MlpRNAEncoder
 from .transmil import TransMILEncoder
 
 __all__ = [
+    "INFERENCE_PREFIXES",
     "KEY_RENAMES",
     "GatedABMILEncoder",
     "MirrorModel",
@@ -47,6 +48,7 @@ __all__ = [
     "create_rna_encoder",
     "create_slide_encoder",
     "get_preset",
+    "inference_state_dict",
     "list_presets",
 ]
 
@@ -62,6 +64,15 @@ _RNA_ENCODERS: dict[str, type[nn.Module]] = {
 #: Old → new state-dict key prefixes, applied by :func:`checkpoint_filter_fn` (empty while no
 #: parameter has been renamed since format 1; add entries here when renaming a module).
 KEY_RENAMES: dict[str, str] = {}
+
+#: State-dict prefixes of the modules inference uses (a ``.mirror`` bundle stores only these;
+#: alignment heads, retention decoders and style prototypes stay in the run folder).
+INFERENCE_PREFIXES: tuple[str, ...] = ("slide_encoder.", "rna_encoder.")
+
+
+def inference_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of a full :class:`MirrorModel` state dict that inference needs."""
+    return {k: v for k, v in state_dict.items() if k.startswith(INFERENCE_PREFIXES)}
 
 
 def _resolve(
@@ -82,13 +93,17 @@ def _resolve(
 
 
 def create_model(
-    preset_or_config: str | ModelConfig | Mapping[str, Any] = "mirror", **overrides: Any
+    preset_or_config: str | ModelConfig | Mapping[str, Any] = "mirror",
+    *,
+    training_parts: bool = True,
+    **overrides: Any,
 ) -> MirrorModel:
     """Build a :class:`MirrorModel` from a preset name, a config (or its dict), plus overrides.
 
-    Example: ``create_model("mirror", patch_dim=1024, n_genes=5000)``.
+    Example: ``create_model("mirror", patch_dim=1024, n_genes=5000)``;
+    ``training_parts=False`` builds the inference model (the encoders only).
     """
-    return MirrorModel(_resolve(preset_or_config, overrides))
+    return MirrorModel(_resolve(preset_or_config, overrides), training_parts=training_parts)
 
 
 def create_slide_encoder(config: ModelConfig | str, **overrides: Any) -> nn.Module:
@@ -109,7 +124,10 @@ def checkpoint_filter_fn(
     """Remap state-dict keys of older checkpoints to the current module names.
 
     Strips a DistributedDataParallel / ``torch.compile`` prefix (``module.``, ``_orig_mod.``) and
-    applies :data:`KEY_RENAMES`. ``model`` is accepted for timm-style signature compatibility.
+    applies :data:`KEY_RENAMES`. When ``model`` is an inference model
+    (``MirrorModel(training_parts=False)``), the pretraining-only entries of a full checkpoint
+    (heads, decoders, prototypes: everything outside :data:`INFERENCE_PREFIXES`) are dropped, so
+    bundles written before they were left out still load.
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
@@ -125,4 +143,6 @@ def checkpoint_filter_fn(
                 new = repl + new[len(old) :]
                 break
         out[new] = value
+    if model is not None and getattr(model, "training_parts", True) is False:
+        out = inference_state_dict(out)
     return out

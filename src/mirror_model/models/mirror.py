@@ -287,6 +287,10 @@ class MirrorModel(nn.Module):
     ----------
     config
         The :class:`ModelConfig` (kept as ``model.config``).
+    training_parts
+        Build the modules only pretraining uses (alignment heads and logit scale, retention
+        decoders, style clustering with its prototypes). ``False`` gives the inference model:
+        the two encoders only (what a ``.mirror`` bundle stores); its :meth:`forward` raises.
 
     Notes
     -----
@@ -294,14 +298,21 @@ class MirrorModel(nn.Module):
     bottleneck samples its latent.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, training_parts: bool = True) -> None:
         super().__init__()
         from . import create_rna_encoder, create_slide_encoder
 
         self.config = config
+        self.training_parts = bool(training_parts)
         d = config.embed_dim
         self.slide_encoder = create_slide_encoder(config)
         self.rna_encoder = create_rna_encoder(config)
+        if not training_parts:
+            self.slide_head = self.rna_head = None
+            self.logit_scale = None
+            self.slide_retention = self.rna_retention = None
+            self.style = None
+            return
         if config.weight_align > 0:
             self.slide_head: nn.Linear | None = nn.Linear(d, d)
             self.rna_head: nn.Linear | None = nn.Linear(d, d)
@@ -375,6 +386,12 @@ class MirrorModel(nn.Module):
             seeded one for a reproducible validation loss; None uses torch's global RNG.
         """
         cfg = self.config
+        if not self.training_parts:
+            raise RuntimeError(
+                "this is an inference model (the encoders of a bundle, without the pretraining "
+                "heads, decoders and prototypes): use encode_slide() / encode_rna(), or load the "
+                "run folder's checkpoint to train."
+            )
         if features is None or rna is None:
             raise ValueError(
                 "MirrorModel.forward needs both modalities (the pairwise losses); use "
