@@ -173,17 +173,7 @@ def report_dict(
     )
 
 
-def write_report(
-    path: PathLike,
-    prediction: Any,
-    *,
-    inputs: dict[str, Any],
-    bundle: Any = None,
-    model: dict[str, Any] | None = None,
-    selected_map: str | None = None,
-    top_k: int = 10,
-) -> Path:
-    """Write :func:`report_dict` as indented JSON."""
-    d = report_dict(prediction, inputs=inputs, bundle=bundle, model=model, selected_map=selected_map, top_k=top_k)
-    atomic_write_text(path, json.dumps(d, indent=2))
+def write_report(path: PathLike, prediction: Any, **kwargs: Any) -> Path:
+    """Write :func:`report_dict` (same keyword arguments) as indented JSON."""
+    atomic_write_text(path, json.dumps(report_dict(prediction, **kwargs), indent=2))
     return Path(path)

@@ -40,13 +40,19 @@ _FALLBACK_COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e"]
 
 
 # ------------------------------------------------------------------------------ formats
-def format_number(x: Any, digits: int = 3) -> str:
-    """``digits`` significant digits; ``n/a`` for None/NaN."""
+def _finite(x: Any) -> float | None:
+    """``x`` as a float, or None when it is missing or not finite (shown as ``n/a``)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
-        return "n/a"
-    if not math.isfinite(v):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def format_number(x: Any, digits: int = 3) -> str:
+    """``digits`` significant digits; ``n/a`` for None/NaN."""
+    v = _finite(x)
+    if v is None:
         return "n/a"
     return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
 
@@ -54,12 +60,10 @@ def format_number(x: Any, digits: int = 3) -> str:
 def format_probability(p: Any) -> str:
     """A probability as a percentage with one decimal, never claiming certainty:
     ``0.9996 -> '> 99.9 %'``, ``0.0004 -> '< 0.1 %'``, ``0.4567 -> '45.7 %'``."""
-    try:
-        v = 100.0 * float(p)
-    except (TypeError, ValueError):
+    v = _finite(p)
+    if v is None:
         return "n/a"
-    if not math.isfinite(v):
-        return "n/a"
+    v *= 100.0
     if v >= 99.95:
         return "> 99.9 %"
     if v < 0.05:
@@ -70,11 +74,8 @@ def format_probability(p: Any) -> str:
 def format_percentile(p: Any) -> str:
     """``62.4 -> '62nd'``, ``99.93 -> '99.9th'``: whole percentiles unless a decimal matters
     (above 99 or below 1, where the top tiles of a large slide sit)."""
-    try:
-        v = float(p)
-    except (TypeError, ValueError):
-        return "n/a"
-    if not math.isfinite(v):
+    v = _finite(p)
+    if v is None:
         return "n/a"
     if 1.0 <= v <= 99.0 or abs(v - round(v)) < 1e-9:
         n = int(round(v))
@@ -184,18 +185,10 @@ def _mean_sd(node: Any) -> str | None:
 
 def _pm(mean: Any, sd: Any = None) -> str:
     """``0.999 ± 0.002``: a metric in [0, 1] and its spread, both with three decimals."""
-    try:
-        m = float(mean)
-    except (TypeError, ValueError):
+    m, s = _finite(mean), _finite(sd)
+    if m is None:
         return "n/a"
-    if not math.isfinite(m):
-        return "n/a"
-    txt = f"{m:.3f}"
-    try:
-        s = float(sd)
-    except (TypeError, ValueError):
-        return txt
-    return txt + (f" ± {s:.3f}" if math.isfinite(s) else "")
+    return f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
 
 
 def metric_headlines(metrics: Mapping[str, Any], input_kind: str | None) -> list[Headline]:

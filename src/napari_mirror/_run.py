@@ -376,7 +376,7 @@ def suggest_sample(sample_ids: Sequence[str], slide_name: str | None) -> str | N
     """
     if not slide_name or not sample_ids:
         return None
-    from mirror_model.inference import match_sample, slide_stem
+    from mirror_model.ids import match_sample, slide_stem
 
     ids = [str(s) for s in sample_ids]
     hit = match_sample(ids, slide_name)

@@ -674,15 +674,7 @@ class MirrorWidget(QWidget):
             return
         from napari.utils import progress
 
-        layer = self._slide_layer_for(request.slide_path)
-        prepare = partial(
-            prepare_result,
-            display=self.display(),
-            map_name=self._map_name,
-            k=self.topk_spin.value(),
-            slide_name=layer.name if layer is not None else "MIRROR",
-            km_width_px=KM_WIDTH_PX,
-        )
+        prepare = self._preparer(request.slide_path)
         self._clear_error()
         self._pbar = progress(total=0, desc="MIRROR")
         self._box.job = RunJob(request, prepare=prepare).start()
@@ -691,6 +683,19 @@ class MirrorWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.status_label.setText("Running…")
         self._poll.start()
+
+    def _preparer(self, slide_path: str | None) -> Any:
+        """:func:`prepare_result` with the panel's current display settings (read now, on the
+        GUI thread; the job thread calls it with the result)."""
+        layer = self._slide_layer_for(slide_path)
+        return partial(
+            prepare_result,
+            display=self.display(),
+            map_name=self._map_name,
+            k=self.topk_spin.value(),
+            slide_name=layer.name if layer is not None else "MIRROR",
+            km_width_px=KM_WIDTH_PX,
+        )
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next check; nothing is added to the viewer."""
@@ -788,15 +793,7 @@ class MirrorWidget(QWidget):
         appears; :attr:`is_running` stays True until the last step.
         """
         if prepared is None:
-            layer = self._slide_layer_for(result.request.slide_path)
-            prepared = prepare_result(
-                result,
-                display=self.display(),
-                map_name=self._map_name,
-                k=self.topk_spin.value(),
-                slide_name=layer.name if layer is not None else "MIRROR",
-                km_width_px=KM_WIDTH_PX,
-            )
+            prepared = self._preparer(result.request.slide_path)(result)
         steps = self._result_steps(result, prepared)
         if not staged:
             for step in steps:
