@@ -143,6 +143,8 @@ def test_signed_maps_are_centred_on_zero_with_a_diverging_colormap():
         heatmap_layer_data(pred, map_name="risk")
     label = colorbar_label(pred.maps["attention"], HeatmapDisplay(), (0.01, 0.05))
     assert "1st–99th percentile" in label and "0.01 to 0.05" in label and "weight" in label
+    noted = colorbar_label(pred.maps["attention"], HeatmapDisplay(), (0.01, 0.05), note="DEMO")
+    assert noted == "DEMO\n" + label
 
 
 def test_number_formats_closed_forms():

@@ -204,14 +204,18 @@ def selected_map(prediction: Any, map_name: str | None = None) -> Any:
     return maps[map_name]
 
 
-def colorbar_label(tile_map: Any, display: HeatmapDisplay, limits: tuple[float, float]) -> str:
-    """What the colour bar shows, in words: the map, its units and the colour range."""
+def colorbar_label(
+    tile_map: Any, display: HeatmapDisplay, limits: tuple[float, float], note: str | None = None
+) -> str:
+    """What the colour bar shows, in words: the map, its units and the colour range, under
+    ``note`` (e.g. that the model is a synthetic-data demo: every screenshot then says so)."""
     lo, hi = limits
     centre = " (white = 0)" if tile_map.signed else ""
-    return (
+    text = (
         f"{tile_map.label}{centre}\n{tile_map.units}\n"
         f"colours: {SCALINGS[display.scaling]}, {lo:.3g} to {hi:.3g}"
     )
+    return f"{note}\n{text}" if note else text
 
 
 def heatmap_grid(
@@ -235,6 +239,7 @@ def heatmap_layer_data(
     display: HeatmapDisplay | None = None,
     name: str = "MIRROR heatmap",
     source: dict[str, Any] | None = None,
+    note: str | None = None,
 ) -> LayerData:
     """A per-tile map on the tile grid, aligned exactly with the slide layer.
 
@@ -254,6 +259,8 @@ def heatmap_layer_data(
     name : str
     source : dict, optional
         Stored in ``metadata["mirror"]`` (e.g. the slide path).
+    note : str, optional
+        First line of the colour-bar label (:func:`colorbar_label`).
     """
     display = display or HeatmapDisplay()
     tile_map = selected_map(prediction, map_name)
@@ -267,7 +274,8 @@ def heatmap_layer_data(
         "map_description": tile_map.description,
         "map_units": tile_map.units,
         "signed": bool(tile_map.signed),
-        "colorbar_label": colorbar_label(tile_map, display, limits),
+        "colorbar_label": colorbar_label(tile_map, display, limits, note),
+        "legend_note": note,
         "tile_size_level0": int(lattice.tile_size_level0),
         "stride_level0": int(lattice.stride_level0),
         "origin_level0": [int(v) for v in lattice.origin_level0],

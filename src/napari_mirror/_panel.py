@@ -466,6 +466,12 @@ class PreparedResult:
     tops: tuple[Any, ...] = ()
 
 
+def legend_note(card: ModelCard) -> str | None:
+    """The first line of the map's legend for a synthetic-data model, so that every screenshot
+    and PNG export of its maps says what the model is."""
+    return "DEMO MODEL (synthetic data): not for patient material" if card.synthetic else None
+
+
 def layer_names(slide_name: str) -> tuple[str, str]:
     """Names of the heatmap and top-tile layers of a slide."""
     return f"{slide_name} heatmap", f"{slide_name} top tiles"
@@ -500,7 +506,10 @@ def prepare_result(
     source = {"slide_path": result.request.slide_path}
     heat_name, tops_name = layer_names(slide_name)
     tops = top_tiles(pred, k, map_name=name, mpp=mpp)
-    heat_data = heatmap_layer_data(pred, map_name=name, mpp=mpp, display=display, name=heat_name, source=source)
+    heat_data = heatmap_layer_data(
+        pred, map_name=name, mpp=mpp, display=display, name=heat_name, source=source,
+        note=legend_note(summary.card),
+    )
     tops_data = None
     if k > 0:
         tops_data = top_tiles_layer_data(

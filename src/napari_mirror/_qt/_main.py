@@ -1012,6 +1012,7 @@ class MirrorWidget(QWidget):
             display=self.display(),
             name=layer.name,
             source={"slide_path": self.last_result.request.slide_path},
+            note=layer.metadata[METADATA_KEY].get("legend_note"),
         )
         layer.data = data
         layer.colormap = kw["colormap"]
