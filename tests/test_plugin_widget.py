@@ -691,3 +691,30 @@ def test_error_details_are_reachable(make_napari_viewer, qtbot, demo_case, tmp_p
     assert widget.details_button.isHidden()
     widget.cancel()
     wait_for_run(qtbot, widget)
+
+
+def test_missing_expression_values_policy_from_the_panel(
+    make_napari_viewer, qtbot, bundle, demo_case, demo_features, tmp_path
+):
+    """A table with missing values lists its rows, stops the run with a message naming them
+    under the default policy, and runs with another policy, saying so in the panel."""
+    if not bundle.has_rna:
+        pytest.skip("the bundle under test has no RNA heads")
+    import pandas as pd
+
+    t = pd.read_csv(demo_case.expression_path)
+    row = t.index[t.iloc[:, 0].astype(str) == demo_case.sample_id][0]
+    t.iloc[row, 3] = np.nan
+    holes = tmp_path / "with_holes.csv"
+    t.to_csv(holes, index=False)
+    viewer, widget, _ = _viewer_with_sample(make_napari_viewer, bundle)
+    widget.set_features_file(demo_features)
+    assert widget.set_expression_file(holes, sample_id=demo_case.sample_id)
+    errors = _run_expecting_error(widget, qtbot)
+    assert len(errors) == 1 and "missing value" in errors[0] and "with_holes.csv" in errors[0]
+    widget.form.nan_policy.value = "zero"
+    widget.run()
+    wait_for_run(qtbot, widget)
+    assert widget.last_error is None and widget.last_result.request.nan_policy == "zero"
+    warned = " ".join(widget.last_result.prediction.warnings)
+    assert "missing" in warned and "missing" in widget.results.summary_text()

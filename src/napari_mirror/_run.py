@@ -53,6 +53,8 @@ class RunRequest:
     device : {"auto", "cpu", "cuda"}
     mpp : float or None
         µm per level-0 pixel override for slides without resolution metadata.
+    nan_policy : {"error", "median", "drop-genes", "zero"}
+        Missing expression values (see :func:`mirror_model.expression.read_expression`).
     """
 
     bundle_path: str | None = None
@@ -62,6 +64,7 @@ class RunRequest:
     sample_id: str | None = None
     device: str = "auto"
     mpp: float | None = None
+    nan_policy: str = "error"
 
     def validate(self) -> RunRequest:
         """Raise :class:`ConfigError` when the inputs cannot make a prediction."""
@@ -76,6 +79,12 @@ class RunRequest:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda; got {self.device!r}.")
+        from mirror_model.expression import NAN_POLICIES
+
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(
+                f"missing-value policy must be one of {', '.join(NAN_POLICIES)}; got {self.nan_policy!r}."
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +162,7 @@ def run_prediction(request: RunRequest, progress: Any = None, should_stop: Any =
         sample_id=request.sample_id,
         device=request.device,
         mpp=request.mpp,
+        nan_policy=request.nan_policy,
         progress=progress,
         should_stop=should_stop,
     )
@@ -363,7 +373,8 @@ def list_samples(expression_path: str | os.PathLike[str]) -> list[str]:
     """
     from mirror_model.expression import read_expression
 
-    return [str(s) for s in read_expression(expression_path).sample_ids]
+    # only the IDs are needed here: missing values are the run's business (its nan_policy)
+    return [str(s) for s in read_expression(expression_path, nan_policy="median").sample_ids]
 
 
 def suggest_sample(sample_ids: Sequence[str], slide_name: str | None) -> str | None:

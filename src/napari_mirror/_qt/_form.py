@@ -38,7 +38,7 @@ class InputForm:
 
     Attributes
     ----------
-    slide, sample, device : magicgui.widgets.ComboBox
+    slide, sample, nan_policy, device : magicgui.widgets.ComboBox
     mpp : magicgui.widgets.FloatSpinBox
         Level-0 µm per pixel for opening files without resolution metadata (0 = from the file).
     open_slide : magicgui.widgets.PushButton
@@ -94,15 +94,31 @@ class InputForm:
         self.sample = ComboBox(
             label="Patient row", choices=[], tooltip="The patient's row of the expression table."
         )
+        self.nan_policy = ComboBox(
+            label="Missing values",
+            choices=[
+                ("stop with an error", "error"),
+                ("training medians", "median"),
+                ("drop those genes", "drop-genes"),
+                ("set to zero", "zero"),
+            ],
+            value="error",
+            tooltip=(
+                "What to do with missing values in the expression table: stop and list them, "
+                "fill each gene with its median over the model's training patients, leave those "
+                "genes out, or set them to 0."
+            ),
+        )
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda"], value="auto")
         self.container = Container(labels=True)
         # Added after construction: magicgui aligns the label column only for widgets
         # inserted into an initialised container.
         self.container.extend(
-            [self.slide, mpp_row, self.bundle, self.expression, self.sample, self.features, self.device]
+            [self.slide, mpp_row, self.bundle, self.expression, self.sample, self.nan_policy,
+             self.features, self.device]
         )
         self.container.margins = (0, 0, 0, 0)
-        for combo in (self.slide, self.sample, self.device):
+        for combo in (self.slide, self.sample, self.nan_policy, self.device):
             _narrow_combo(combo)
 
     @property

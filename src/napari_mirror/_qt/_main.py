@@ -639,6 +639,7 @@ class MirrorWidget(QWidget):
             expression_path=expr,
             sample_id=(self.form.sample.value or None) if expr else None,
             device=str(self.form.device.value),
+            nan_policy=str(self.form.nan_policy.value),
             # a resolution the user gave when opening the slide must reach the tiling too
             mpp=float(meta["mpp"]) if meta.get("mpp_source") == "user" else None,
         )
