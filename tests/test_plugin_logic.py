@@ -181,6 +181,7 @@ def test_metric_headlines_pick_the_inputs_of_the_prediction():
         ("Heatmap vs tumour mask AUROC", "0.790 ± 0.170"),
     ]
     assert "5 held-out folds" in heads[0].detail
+    assert "Heatmap" not in " ".join(h.label for h in metric_headlines(metrics, "rna"))
     assert metric_headlines({}, "slide") == []
 
 

@@ -433,7 +433,8 @@ def test_rna_only_run_says_so_and_draws_no_heatmap(make_napari_viewer, qtbot, bu
     assert not widget.export_buttons["geojson"].isEnabled()
     assert not widget.heatmap_section.isEnabled() and widget.map_names() == []
     assert widget.results.shown["risk_group"] in ("low", "high")
-    assert "No heatmap (no slide input)" in widget.status_label.text()
+    assert "no heatmap" in widget.status_label.text() and not widget.heatmap_section.isExpanded()
+    assert "Heatmap vs tumour" not in widget.results.shown["headlines"]
 
 
 # ----------------------------------------------------------------------------------- errors

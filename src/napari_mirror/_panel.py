@@ -222,7 +222,8 @@ def metric_headlines(metrics: Mapping[str, Any], input_kind: str | None) -> list
             words = _KIND_WORDS.get(kind or "", kind or "")
             out.append(Headline(f"{label} ({words})", txt, f"{task} / {kind} / {metric}"))
     heat = metrics.get("heatmap")
-    if isinstance(heat, Mapping) and heat.get("tumour_auroc") is not None:
+    # the heatmap's figure says nothing about an expression-only prediction
+    if input_kind != "rna" and isinstance(heat, Mapping) and heat.get("tumour_auroc") is not None:
         txt = _pm(heat["tumour_auroc"], heat.get("tumour_auroc_sd"))
         out.append(
             Headline(

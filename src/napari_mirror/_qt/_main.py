@@ -908,12 +908,13 @@ class MirrorWidget(QWidget):
             self._fill_top_list()
             has_tiles = heat is not None
             self.heatmap_section.setEnabled(has_tiles)
+            if has_tiles:
+                self.heatmap_section.expand(animate=False)
+            else:  # nothing to show there for an expression-only run
+                self.heatmap_section.collapse(animate=False)
             for key, b in self.export_buttons.items():
                 b.setEnabled(key in ("png", "json") or has_tiles)
-            self.status_label.setText(
-                f"{s.inputs}." + ("" if has_tiles else " No heatmap (no slide input).")
-                + f" Done in {result.seconds:.1f} s."
-            )
+            self.status_label.setText(f"{s.inputs}. Done in {result.seconds:.1f} s.")
             self.run_button.setEnabled(True)
             self._box.release_gc()
 
