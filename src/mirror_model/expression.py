@@ -707,12 +707,16 @@ def _load_text(path: Path, id_column: str | None) -> _Parsed:
     inf = np.isinf(parsed.values)
     if inf.any():  # was it "inf" in the file, or a finite number beyond float32?
         parsed.overflow = np.zeros(parsed.values.shape, dtype=bool)
-        for i, k in np.argwhere(inf)[:1000]:
-            text = _cell_text(path, parsed, int(i), int(k), drop, j)
-            try:
-                parsed.overflow[i, k] = math.isfinite(float(text))
-            except ValueError:
-                pass
+        pos = np.argwhere(inf)[:1000]
+        wanted = {int(i) for i, _ in pos}
+        for i, cells in _iter_rows(path, parsed):  # one pass over the file
+            if i not in wanted:
+                continue
+            for k in pos[pos[:, 0] == i, 1]:
+                try:
+                    parsed.overflow[i, k] = math.isfinite(float(cells[parsed.file_cols[k]]))
+                except ValueError:
+                    pass
     return parsed
 
 
@@ -768,13 +772,6 @@ def _iter_rows(path: Path, parsed: _Parsed) -> Iterator[tuple[int, list[str]]]:
             i = wanted.get(line_no)
             if i is not None:
                 yield i, _row_cells(line, parsed.sep)
-
-
-def _cell_text(path: Path, parsed: _Parsed, i: int, k: int, drop: Sequence[int], j: int) -> str:
-    for r, cells in _iter_rows(path, parsed):
-        if r == i:
-            return cells[parsed.file_cols[k]].strip()
-    return ""  # pragma: no cover
 
 
 def _find_bad_cells(
