@@ -665,7 +665,8 @@ def _load_text(path: Path, id_column: str | None) -> _Parsed:
     keep = [k for k in range(ncol) if k != j and lower[k] not in _ANNOTATION_COLUMNS]
     if not keep:
         raise ExpressionError(f"Expression table {name} has only a label column and no values.")
-    drop = [k for k in range(ncol) if k not in set(keep)]
+    kept = set(keep)
+    drop = [k for k in range(ncol) if k not in kept]
     n_kept = len(keep)
     try:
         with _open_text(path) as fh:
