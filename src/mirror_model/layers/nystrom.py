@@ -16,7 +16,10 @@ changes the result for an unpadded sequence except where stated:
   (The reference lets zero padding tokens take part in the softmax.)
 * **Per-matrix scaling of the pseudo-inverse start point** (the reference uses one global maximum
   over the whole batch, which couples the samples of a batch). The pseudo-inverse is always
-  computed in float32, also under bf16 autocast.
+  computed in float32, also under bf16 autocast: iterated in bf16 it nearly doubles the worst
+  bf16 error of a trained model's slide embedding (demo cohort, 36 slides, Nyström path,
+  relative L2 vs fp32: median 0.61 % / max 0.88 % with the fp32 pseudo-inverse, 0.72 % / 1.55 %
+  with a bf16 one), for ≈ 12 % of the FLOPs of a 20,000-tile slide.
 * **Exact attention where it is cheaper** (``mode="auto"``, the default). Nyström pays a fixed
   ``8·h·iters·m³`` FLOPs for the pseudo-inverse of the m×m landmark kernels (21.7 GFLOP per
   layer and sample at D = 768, m = 384, 6 iterations) plus ``8·n·m·D`` for its two attention
