@@ -22,37 +22,57 @@ SCRIPT = Path(__file__).with_name("_lifetime_script.py")
 REPO = Path(__file__).resolve().parents[1]
 
 
+CASES = ["close_panel", "close_viewer", "quit", "cancel_quit", "cancel_close_panel"]
+#: Sessions run side by side (each is mostly napari start-up and waiting): the five cases take
+#: about half the wall time (CI machines have two cores).
+PARALLEL = 2
+
+
 @pytest.fixture(scope="module")
-def sample_cache(tmp_path_factory):
-    """The demo sample generated once for all cases (untimed by the cases)."""
+def sessions(tmp_path_factory):
+    """Run every case's session once, a few at a time; -> {case: (exit status, output)}."""
+    import time
+
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("needs an X display (pytest-xvfb provides one)")
     cache = tmp_path_factory.mktemp("mirror-cache")
     from napari_mirror._sample_data import demo_case
 
-    demo_case(cache)
-    return cache
-
-
-@pytest.mark.parametrize(
-    "case", ["close_panel", "close_viewer", "quit", "cancel_quit", "cancel_close_panel"]
-)
-def test_session_ends_cleanly_during_a_run(case, sample_cache):
-    if not os.environ.get("DISPLAY"):
-        pytest.skip("needs an X display (pytest-xvfb provides one)")
+    demo_case(cache)  # the demo sample, generated once for all sessions
     env = dict(os.environ)
-    env["NAPARI_MIRROR_CACHE"] = str(sample_cache)
+    env["NAPARI_MIRROR_CACHE"] = str(cache)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     env["PYTHONFAULTHANDLER"] = "1"  # a crash prints the threads' stacks
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), case],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"exit status {proc.returncode}\n{out[-4000:]}"
+    logs = tmp_path_factory.mktemp("sessions")
+    pending, running, done = list(CASES), {}, {}
+    deadline = time.monotonic() + 600
+    while pending or running:
+        while pending and len(running) < PARALLEL:
+            case = pending.pop(0)
+            out = open(logs / f"{case}.log", "w+")
+            proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), case], env=env, cwd=REPO,
+                stdout=out, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+            running[case] = (proc, out)
+        for case, (proc, out) in list(running.items()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                out.seek(0)
+                done[case] = (proc.returncode, out.read())
+                out.close()
+                del running[case]
+        time.sleep(0.2)
+    return done
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_session_ends_cleanly_during_a_run(case, sessions):
+    returncode, out = sessions[case]
+    assert returncode == 0, f"exit status {returncode}\n{out[-4000:]}"
     for bad in ("Traceback", "Fatal Python error", "has been deleted", "Segmentation fault"):
         assert bad not in out, out[-4000:]
     assert "ACTED in_flight=True" in out, out[-4000:]  # the session ended during the run
