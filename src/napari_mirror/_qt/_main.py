@@ -66,7 +66,7 @@ KM_WIDTH_PX = 330
 #: Pause between the steps that show a result (ms): the canvas draws in between.
 STEP_PAUSE_MS = 20
 #: New glyphs drawn per step when the colour-bar label appears.
-GLYPHS_PER_STEP = 6
+GLYPHS_PER_STEP = 4
 #: The panel fits a dock this narrow (napari's docks are ~400 px wide) without hiding anything.
 MIN_WIDTH_PX = 360
 
