@@ -19,6 +19,20 @@ CMU_SMALL_SVS = SHARED_DATA / "CMU-1-Small-Region.svs"
 os.environ.setdefault("MIRROR_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread_session():
+    """Module- and session-scoped fixtures are set up before function-scoped ones, so without
+    this a module fixture (e.g. test_resume's reference run) would train with the default thread
+    count and the test body with one: CPU reductions split across threads round differently, and
+    'bitwise identical' comparisons between the two fail."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: one thread avoids OpenMP spin-waits on 2-core CI machines (restored after
