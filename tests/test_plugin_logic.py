@@ -131,6 +131,7 @@ def test_signed_maps_are_centred_on_zero_with_a_diverging_colormap():
     meta = kwargs["metadata"]["mirror"]
     assert meta["map_name"] == "subtype:solid" and meta["signed"] is True
     assert "Evidence for solid" in meta["colorbar_label"] and "white = 0" in meta["colorbar_label"]
+    assert f"99th percentile of |value| on this slide, ±{a:.3g}" in meta["colorbar_label"]
     assert "logit" in meta["colorbar_label"]
     # min-max: the largest |value| on either side, still symmetric
     _, kw2, _ = heatmap_layer_data(pred, map_name="subtype:solid", display=HeatmapDisplay(scaling="minmax"))

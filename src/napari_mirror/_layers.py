@@ -210,12 +210,14 @@ def colorbar_label(
     """What the colour bar shows, in words: the map, its units and the colour range, under
     ``note`` (e.g. that the model is a synthetic-data demo: every screenshot then says so)."""
     lo, hi = limits
-    centre = " (white = 0)" if tile_map.signed else ""
-    text = (
-        f"{tile_map.label}{centre}\n{tile_map.units}\n"
-        f"colours: {SCALINGS[display.scaling]}, {lo:.3g} to {hi:.3g}"
-    )
-    return f"{note}\n{text}" if note else text
+    if tile_map.signed:
+        spread = "99th percentile" if display.scaling == "percentile" else "largest value"
+        scale = f"white = 0; colours to ± the {spread} of |value| on this slide, ±{hi:.3g}"
+    else:
+        scale = f"colours: {SCALINGS[display.scaling]}, {lo:.3g} to {hi:.3g}"
+    text = f"{tile_map.label}\n{tile_map.units}\n{scale}"
+    # the trailing line keeps napari's stacked colour bar clear of the last line of text
+    return (f"{note}\n{text}" if note else text) + "\n"
 
 
 def heatmap_grid(
