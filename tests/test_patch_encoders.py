@@ -466,6 +466,7 @@ def test_registry_builds_a_registered_encoder_and_the_base_class_prepares_input(
     import torch
 
     from mirror_model.patch_encoders import (
+        EncoderOptions,
         PatchEncoder,
         PatchEncoderSpec,
         _registry,
@@ -480,8 +481,9 @@ def test_registry_builds_a_registered_encoder_and_the_base_class_prepares_input(
             return x.mean(dim=(2, 3))
 
     @register_patch_encoder("test-mean-colour")
-    def _make(name, *, weights=None, allow_random=False, input_px=None, mean=None, std=None):
-        spec = PatchEncoderSpec(name=name, input_px=input_px or 8, mean=(0.5,) * 3,
+    def _make(name, options):
+        seen["options"] = options
+        spec = PatchEncoderSpec(name=name, input_px=options.input_px or 8, mean=(0.5,) * 3,
                                 std=(0.25,) * 3, dim=3, kind="test")  # fmt: skip
         return MeanColour(spec)
 
@@ -490,6 +492,7 @@ def test_registry_builds_a_registered_encoder_and_the_base_class_prepares_input(
         enc = create_patch_encoder("TEST-mean-colour", input_px=4)
         y = enc(torch.full((2, 3, 16, 16), 0.75))  # [0, 1] RGB, resized to 4 px, normalised
         assert seen["shape"] == (2, 3, 4, 4)
+        assert seen["options"] == EncoderOptions(input_px=4)
         torch.testing.assert_close(y, torch.ones(2, 3))  # (0.75 - 0.5) / 0.25
         with pytest.raises(ValueError, match="registered twice"):
             register_patch_encoder("test-mean-colour")(_make)

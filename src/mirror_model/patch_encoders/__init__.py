@@ -28,8 +28,8 @@ Random weights are only used with ``allow_random=True`` (benchmarks); otherwise 
 ``weights=`` is an error, because its features would be meaningless.
 
 Adding an encoder: subclass :class:`PatchEncoder` (implement ``embed``; the base class's
-``forward`` normalises and resizes) in its own file and register a factory with
-:func:`register_patch_encoder` (the registry is :mod:`._registry`, as timm's
+``forward`` normalises and resizes) in its own file and register a factory
+``factory(name, options: EncoderOptions)`` with :func:`register_patch_encoder` (the registry is :mod:`._registry`, as timm's
 ``register_model``); import the file below so it registers.
 """
 
@@ -48,10 +48,11 @@ from ..errors import ConfigError
 from . import stain_texture as _stain_texture  # noqa: F401
 from . import torchscript as _torchscript  # noqa: F401
 from . import vit as _vit  # noqa: F401
-from ._registry import find_factory, list_patch_encoders, register_patch_encoder
+from ._registry import EncoderOptions, find_factory, list_patch_encoders, register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
 
 __all__ = [
+    "EncoderOptions",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PatchEncoder",
@@ -111,9 +112,8 @@ def create_patch_encoder(
             f"unknown patch encoder {name!r}. Known: {', '.join(list_patch_encoders())}.{hint}"
         )
     factory, arg = found
-    enc = factory(
-        arg, weights=weights, allow_random=allow_random, input_px=input_px, mean=mean, std=std
-    )
+    options = EncoderOptions(weights, allow_random, input_px, mean, std)
+    enc = factory(arg, options)
     return enc.to(dev).eval()
 
 

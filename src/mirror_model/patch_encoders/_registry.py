@@ -1,19 +1,45 @@
 """The patch-encoder registry (like timm's ``register_model`` / ``create_model``).
 
 Each encoder file registers its factory with :func:`register_patch_encoder`; a factory is
-called as ``factory(name, weights=..., allow_random=..., input_px=..., mean=..., std=...)``
-and returns a :class:`~._spec.PatchEncoder`. A *prefix* entry (``"timm:"``,
-``"torchscript:"``) receives the text after the prefix as ``name``.
+called as ``factory(name, options)`` with the caller's :class:`EncoderOptions` and returns a
+:class:`~._spec.PatchEncoder`. A *prefix* entry (``"timm:"``, ``"torchscript:"``) receives
+the text after the prefix as ``name``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["find_factory", "list_patch_encoders", "register_patch_encoder"]
+__all__ = ["EncoderOptions", "find_factory", "list_patch_encoders", "register_patch_encoder"]
 
-Factory = Callable[..., Any]
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """What :func:`~mirror_model.patch_encoders.create_patch_encoder` passes every factory.
+
+    Attributes
+    ----------
+    weights : path-like, optional
+        Local weights file (ViT / timm); encoders without weights reject one.
+    allow_random : bool
+        Accept a ViT without weights (random init; benchmarks only).
+    input_px : int, optional
+        Encoder input size in pixels (default: the encoder's own).
+    mean, std : sequence of 3 floats, optional
+        Input normalisation (default: the encoder's own, usually ImageNet's).
+    """
+
+    weights: str | os.PathLike[str] | None = None
+    allow_random: bool = False
+    input_px: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+Factory = Callable[[str, EncoderOptions], Any]
 
 _EXACT: dict[str, Factory] = {}
 _PREFIX: dict[str, Factory] = {}

@@ -36,14 +36,12 @@ The design trades detail for speed (≈ 400+ tiles/s per CPU core for the encode
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ._registry import register_patch_encoder
+from ._registry import EncoderOptions, register_patch_encoder
 from ._spec import PatchEncoder, PatchEncoderSpec
 
 __all__ = ["STAIN_TEXTURE_SPEC", "StainTextureEncoder"]
@@ -253,16 +251,9 @@ def _standardize(m: torch.Tensor) -> torch.Tensor:
 
 
 @register_patch_encoder("stain-texture", "stain_texture", "staintexture")
-def _create(
-    name: str,
-    *,
-    weights: Any = None,
-    allow_random: bool = False,
-    input_px: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> StainTextureEncoder:
-    if weights is not None:
+def _create(name: str, options: EncoderOptions) -> StainTextureEncoder:
+    input_px, mean, std = options.input_px, options.mean, options.std
+    if options.weights is not None:
         raise ConfigError(
             "the 'stain-texture' encoder has no weights; drop --weights or choose a ViT encoder."
         )

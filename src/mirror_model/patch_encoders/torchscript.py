@@ -16,12 +16,11 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from ._registry import register_patch_encoder
+from ._registry import EncoderOptions, register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
 
 __all__ = ["TorchScriptEncoder", "load_torchscript_encoder"]
@@ -39,16 +38,10 @@ class TorchScriptEncoder(PatchEncoder):
 
 
 @register_patch_encoder("torchscript:", prefix=True, listed_as="torchscript:<path>")
-def _create(
-    path: str,
-    *,
-    weights: Any = None,
-    allow_random: bool = False,
-    input_px: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> TorchScriptEncoder:
-    return load_torchscript_encoder(path, input_px=input_px, mean=mean, std=std)
+def _create(path: str, options: EncoderOptions) -> TorchScriptEncoder:
+    return load_torchscript_encoder(
+        path, input_px=options.input_px, mean=options.mean, std=options.std
+    )
 
 
 def load_torchscript_encoder(

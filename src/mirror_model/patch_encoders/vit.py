@@ -30,10 +30,8 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +39,7 @@ from torch import nn
 
 from .._io import load_tensors
 from ..errors import ConfigError
-from ._registry import register_patch_encoder
+from ._registry import EncoderOptions, register_patch_encoder
 from ._spec import IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, PatchEncoderSpec
 
 __all__ = [
@@ -113,6 +111,14 @@ VIT_ARCHS: tuple[str, ...] = tuple(
     f"vit_{s}_patch{p}_224" for s in ("tiny", "small", "base", "large", "huge") for p in (16, 14)
 ) + ("vit_giant_patch14_224",)
 
+_VIRCHOW = replace(
+    vit_config("vit_huge_patch14_224"),
+    mlp_ratio=5.3375,
+    init_values=1e-5,
+    mlp_layer="swiglu_packed",
+    pool="token+avg",
+)
+
 NAMED_VITS: dict[str, ViTConfig] = {
     "uni": replace(vit_config("vit_large_patch16_224"), init_values=1e-5),
     "uni2-h": ViTConfig(
@@ -130,21 +136,8 @@ NAMED_VITS: dict[str, ViTConfig] = {
     "phikon": replace(
         vit_config("vit_base_patch16_224"), layer_norm_eps=1e-12, checkpoint_layout="hf"
     ),
-    "virchow": replace(
-        vit_config("vit_huge_patch14_224"),
-        mlp_ratio=5.3375,
-        init_values=1e-5,
-        mlp_layer="swiglu_packed",
-        pool="token+avg",
-    ),
-    "virchow2": replace(
-        vit_config("vit_huge_patch14_224"),
-        mlp_ratio=5.3375,
-        init_values=1e-5,
-        mlp_layer="swiglu_packed",
-        pool="token+avg",
-        reg_tokens=4,
-    ),
+    "virchow": _VIRCHOW,
+    "virchow2": replace(_VIRCHOW, reg_tokens=4),  # Virchow2 = Virchow + 4 register tokens
 }
 
 
@@ -470,16 +463,11 @@ def _random_or_error(name: str, allow_random: bool) -> None:
 
 
 def create_vit_encoder(
-    name: str,
-    weights: str | os.PathLike[str] | None = None,
-    *,
-    allow_random: bool = False,
-    input_px: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    registry_name: str | None = None,
+    name: str, options: EncoderOptions | None = None, *, registry_name: str | None = None
 ) -> ViTPatchEncoder:
     """Our ViT for a named model (``uni``, ``phikon`` ...) or a ``vit_*`` architecture."""
+    o = options or EncoderOptions()
+    weights, allow_random, input_px, mean, std = o.weights, o.allow_random, o.input_px, o.mean, o.std
     key = name.lower()
     cfg = NAMED_VITS[key] if key in NAMED_VITS else vit_config(key)
     if input_px is not None:
@@ -537,21 +525,15 @@ class _TimmEncoder(PatchEncoder):
         return y.flatten(1) if y.ndim > 2 else y
 
 
-def create_timm_encoder(
-    model_name: str,
-    weights: str | os.PathLike[str] | None = None,
-    *,
-    allow_random: bool = False,
-    input_px: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> PatchEncoder:
+def create_timm_encoder(model_name: str, options: EncoderOptions | None = None) -> PatchEncoder:
     """``timm:<model_name>``: timm's model when timm imports, else our ViT for ``vit_*`` names.
 
-    With timm, ``weights`` is a local file (``pretrained_cfg_overlay=dict(file=...)``); without
-    ``weights`` the model is fetched from timm's hub cache (needs it cached or network) unless
-    ``allow_random``.
+    With timm, ``options.weights`` is a local file (``pretrained_cfg_overlay=dict(file=...)``);
+    without weights the model is fetched from timm's hub cache (needs it cached or network)
+    unless ``options.allow_random``.
     """
+    o = options or EncoderOptions()
+    weights, allow_random, input_px, mean, std = o.weights, o.allow_random, o.input_px, o.mean, o.std
     registry_name = f"timm:{model_name}"
     try:
         import timm
@@ -559,15 +541,7 @@ def create_timm_encoder(
         timm = None
     if timm is None:
         if _ARCH_RE.match(model_name.lower()):
-            return create_vit_encoder(
-                model_name,
-                weights,
-                allow_random=allow_random,
-                input_px=input_px,
-                mean=mean,
-                std=std,
-                registry_name=registry_name,
-            )
+            return create_vit_encoder(model_name, o, registry_name=registry_name)
         raise ConfigError(
             f"{registry_name}: timm is not installed (or does not import beside this torch), and "
             f"{model_name!r} is not one of our built-in ViTs ({', '.join(VIT_ARCHS)}, {', '.join(NAMED_VITS)}). "
@@ -617,14 +591,6 @@ def create_timm_encoder(
 
 
 # --------------------------------------------------------------------------- registry
-def _create_vit(name: str, *, weights: Any = None, **kw: Any) -> ViTPatchEncoder:
-    return create_vit_encoder(name, weights, **kw)
-
-
 for _name in (*NAMED_VITS, *VIT_ARCHS):
-    register_patch_encoder(_name)(_create_vit)
-
-
-@register_patch_encoder("timm:", prefix=True, listed_as="timm:<model_name>")
-def _create_timm(model_name: str, *, weights: Any = None, **kw: Any) -> PatchEncoder:
-    return create_timm_encoder(model_name, weights, **kw)
+    register_patch_encoder(_name)(create_vit_encoder)
+register_patch_encoder("timm:", prefix=True, listed_as="timm:<model_name>")(create_timm_encoder)
