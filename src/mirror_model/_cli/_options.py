@@ -22,7 +22,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRECISIONS", "add_device_option", "add_nan_policy_option", "add_precision_option"]
+__all__ = [
+    "PRECISIONS",
+    "add_batch_size_option",
+    "add_device_option",
+    "add_nan_policy_option",
+    "add_precision_option",
+    "add_quiet_option",
+    "add_slide_mpp_option",
+    "progress_bar",
+]
 
 #: Accepted ``--precision`` values (``auto`` resolves to bf16 or fp32 per device).
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -61,3 +70,33 @@ def add_nan_policy_option(parser: Any, default: str | None = "error") -> None:
         + ("the run's own, else error" if default is None else default)
         + ")",
     )
+
+
+def add_slide_mpp_option(parser: Any) -> None:
+    """``--mpp``: level-0 µm/px for a slide whose file does not record its resolution."""
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="level-0 µm/px for slides without resolution metadata",
+    )
+
+
+def add_batch_size_option(parser: Any, default: int = 64) -> None:
+    """``--batch-size``: tiles per patch-encoder call."""
+    parser.add_argument(
+        "--batch-size", type=int, default=default, help=f"tiles per encoder call (default {default})"
+    )
+
+
+def add_quiet_option(parser: Any, help_text: str = "no progress bar") -> None:
+    """``--quiet``; the command then draws its bar with :func:`progress_bar`."""
+    parser.add_argument("--quiet", action="store_true", help=help_text)
+
+
+def progress_bar(args: Any, **tqdm_kwargs: Any) -> Any:
+    """The command's :class:`~mirror_model._progress.TqdmProgress`: none with ``--quiet``,
+    else drawn when stderr is a terminal."""
+    from .._progress import TqdmProgress
+
+    return TqdmProgress(disable=True if args.quiet else None, **tqdm_kwargs)

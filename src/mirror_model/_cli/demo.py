@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._options import add_device_option
+from ._options import add_device_option, add_quiet_option, progress_bar
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="processes/threads for slide rendering and tile reading (default: CPUs, max 4)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(parser, "no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._progress import TqdmProgress
     from ..bundle import default_bundle_path
     from ..demo import DemoSettings, run_demo
     from ..errors import ConfigError
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
-    with TqdmProgress(disable=True if args.quiet else None) as bar:
+    with progress_bar(args) as bar:
         res = run_demo(
             args.out,
             settings,

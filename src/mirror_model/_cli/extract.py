@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._options import add_device_option, add_precision_option
+from ._options import (
+    add_batch_size_option,
+    add_device_option,
+    add_precision_option,
+    add_quiet_option,
+    add_slide_mpp_option,
+    progress_bar,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             metavar=("R", "G", "B"),
             help=f"normalisation {stat} (TorchScript encoders; default ImageNet)",
         )
-    parser.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        help="level-0 µm/px for slides without resolution metadata",
-    )
+    add_slide_mpp_option(parser)
     parser.add_argument(
         "--target-mpp",
         type=float,
@@ -61,9 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="minimum tissue fraction of a kept tile (default 0.25)",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="tiles per encoder call (default 64)"
-    )
+    add_batch_size_option(parser)
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -85,24 +85,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a ViT without --weights (random features; benchmarking only)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._progress import TqdmProgress
     from ..errors import MirrorError
     from ..extract import extract_cohort
 
-    encoder_kwargs = {}
-    if args.input_px is not None:
-        encoder_kwargs["input_px"] = args.input_px
-    if args.mean is not None:
-        encoder_kwargs["mean"] = tuple(args.mean)
-    if args.std is not None:
-        encoder_kwargs["std"] = tuple(args.std)
-    if args.allow_random_weights:
-        encoder_kwargs["allow_random"] = True
-    with TqdmProgress(disable=True if args.quiet else None, unit="tile") as bar:
+    # None / False are create_patch_encoder's own defaults
+    encoder_kwargs = {
+        "input_px": args.input_px,
+        "mean": None if args.mean is None else tuple(args.mean),
+        "std": None if args.std is None else tuple(args.std),
+        "allow_random": args.allow_random_weights,
+    }
+    with progress_bar(args, unit="tile") as bar:
         result = extract_cohort(
             args.cohort,
             args.out,
@@ -118,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             tissue_threshold=args.tissue_threshold,
             overwrite=args.overwrite,
             on_error="raise" if args.stop_on_error else "continue",
-            encoder_kwargs=encoder_kwargs or None,
+            encoder_kwargs=encoder_kwargs,
             progress=bar,
         )
     shard = f" (rank {result.rank}/{result.world_size})" if result.world_size > 1 else ""

@@ -14,7 +14,15 @@ import json
 import sys
 from typing import Any
 
-from ._options import add_device_option, add_nan_policy_option, add_precision_option
+from ._options import (
+    add_batch_size_option,
+    add_device_option,
+    add_nan_policy_option,
+    add_precision_option,
+    add_quiet_option,
+    add_slide_mpp_option,
+    progress_bar,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="row of the expression table (default: the only row, or the one matching the slide name)",
     )
-    parser.add_argument(
-        "--mpp",
-        type=float,
-        default=None,
-        help="level-0 µm/px when the slide file does not record it",
-    )
+    add_slide_mpp_option(parser)
     add_nan_policy_option(parser)
     add_device_option(parser)
     add_precision_option(parser)
@@ -51,9 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weights file of the bundle's patch encoder when it needs one (e.g. UNI)",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="tiles per encoder call (default 64)"
-    )
+    add_batch_size_option(parser)
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument(
         "--tiles-csv",
@@ -70,7 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also put every tile's coordinates and map values into the JSON report",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(parser)
 
 
 def _summary(pred: Any) -> str:
@@ -108,12 +109,11 @@ def _summary(pred: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text
-    from .._progress import TqdmProgress
     from ..bundle import load_bundle
     from ..inference import predict
 
     bundle = load_bundle(args.bundle)
-    with TqdmProgress(disable=True if args.quiet else None) as bar:
+    with progress_bar(args) as bar:
         pred = predict(
             bundle,
             slide_path=args.slide,
