@@ -26,6 +26,7 @@ def test_every_preset_round_trips_through_json(name):
 def test_preset_names():
     assert set(list_presets()) == {
         "mirror",
+        "mirror-authors",
         "tangle",
         "mirror-no-retention",
         "mirror-no-clustering",

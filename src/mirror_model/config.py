@@ -47,6 +47,12 @@ __all__ = [
 LOSS_NAMES: tuple[str, ...] = ("align", "ret_slide", "ret_rna", "style", "cluster")
 
 _SLIDE_ENCODERS = ("transmil", "abmil")
+#: ``ModelConfig.slide_input_norm`` values.
+SLIDE_INPUT_NORMS: tuple[str, ...] = ("none", "standardize")
+#: ``ModelConfig.ppeg_layout`` values.
+PPEG_LAYOUTS: tuple[str, ...] = ("sequence", "grid", "off")
+#: ``ModelConfig.slide_readout`` values.
+SLIDE_READOUTS: tuple[str, ...] = ("cls", "cls+mean", "mean")
 _RNA_ENCODERS = ("mirror", "mlp")
 #: ``ModelConfig.slide_attention`` values (== mirror_model.layers.nystrom.ATTENTION_MODES).
 SLIDE_ATTENTION_MODES: tuple[str, ...] = ("auto", "short", "nystrom", "reference")
@@ -96,6 +102,20 @@ class ModelConfig:
         its keys are the tiles themselves) or ``"last"`` (the authors' choice, whose keys are
         tiles already mixed with their neighbours by the value convolution and PPEG). See
         :mod:`mirror_model.models.transmil`.
+    ppeg_layout
+        Where PPEG finds a token's neighbours: ``"sequence"`` (the authors': the tokens laid
+        row-major on a square in input order, so neighbours are unrelated tiles when the order
+        is random), ``"grid"`` (the tiles' real cells on the slide's tile lattice, from the
+        stored coordinates: each tile is mixed with the tiles around it; the encoder then also
+        orders the tiles by position, so it is invariant to the input order) or ``"off"``.
+    slide_readout
+        The TransMIL slide embedding: ``"cls"`` (the authors': the CLS output), ``"mean"`` (the
+        mean of the real tiles' output tokens) or ``"cls+mean"`` (their sum), then the final
+        LayerNorm.
+    slide_input_norm
+        ``"none"`` (the authors') or ``"standardize"``: every tile-feature dimension is
+        standardised with statistics accumulated over the training tiles and stored with the
+        weights (:class:`~mirror_model.layers.FeatureStandardizer`); both slide encoders.
     abmil_attention_dim, abmil_dropout
         Gated ABMIL settings (hidden width of the attention branch; dropout after the input
         projection).
@@ -136,6 +156,9 @@ class ModelConfig:
     slide_dropout: float = 0.1
     slide_attention: str = "auto"
     heatmap_layer: str = "first"
+    ppeg_layout: str = "sequence"
+    slide_readout: str = "cls"
+    slide_input_norm: str = "none"
     # gated ABMIL (design §1.10)
     abmil_attention_dim: int = 256
     abmil_dropout: float = 0.1
@@ -295,6 +318,9 @@ def _validate(c: ModelConfig) -> None:
     v.choice("slide_encoder", _SLIDE_ENCODERS)
     v.choice("heatmap_layer", HEATMAP_LAYERS)
     v.choice("slide_attention", SLIDE_ATTENTION_MODES)
+    v.choice("ppeg_layout", PPEG_LAYOUTS)
+    v.choice("slide_readout", SLIDE_READOUTS)
+    v.choice("slide_input_norm", SLIDE_INPUT_NORMS)
     v.choice("rna_encoder", _RNA_ENCODERS)
     v.int_sequence("ppeg_kernels", non_empty=True)
     v.rule(
@@ -349,6 +375,7 @@ _MIRROR = ModelConfig(name="mirror")
 
 PRESETS: dict[str, ModelConfig] = {
     "mirror": _MIRROR,
+    "mirror-authors": _MIRROR.replace(name="mirror-authors"),
     "tangle": ModelConfig(
         name="tangle",
         slide_encoder="abmil",

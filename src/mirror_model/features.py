@@ -37,7 +37,14 @@ import numpy as np
 from ._io import atomic_path
 from .errors import FeatureFileError
 
-__all__ = ["FORMAT_VERSION", "FeatureFile", "check_encoder", "read_features", "write_features"]
+__all__ = [
+    "FORMAT_VERSION",
+    "FeatureFile",
+    "check_encoder",
+    "grid_positions",
+    "read_features",
+    "write_features",
+]
 
 FORMAT_VERSION = 1
 
@@ -91,6 +98,19 @@ class FeatureFile:
     @property
     def has_coords(self) -> bool:
         return self.coords_level0 is not None
+
+    def grid_positions(self) -> np.ndarray:
+        """The tiles' lattice cells ``[N, 2]`` int64 (column, row); see :func:`grid_positions`.
+
+        Raises :class:`FeatureFileError` when the file has no coordinates.
+        """
+        if self.coords_level0 is None:
+            raise FeatureFileError(
+                f"{self.path or 'feature file'}: holds no tile coordinates, so the tiles' "
+                "positions on the slide are unknown; re-extract it with `mirror-train extract` "
+                "(which stores them) to use a model that needs tile positions."
+            )
+        return grid_positions(self.coords_level0, self.patch_size_level0)
 
     def validate(self, where: str | os.PathLike[str] | None = None) -> FeatureFile:
         """Check shapes and values; raise :class:`FeatureFileError` naming ``where``. Returns self."""
@@ -152,6 +172,31 @@ class FeatureFile:
                     f"{name}: target_mpp must be positive, got {self.target_mpp}."
                 )
         return self
+
+
+def grid_positions(coords_level0: Any, tile_size_level0: int | None = None) -> np.ndarray:
+    """Integer lattice cells ``[N, 2]`` int64 (column, row) of tiles at ``coords_level0 [N, 2]``.
+
+    The lattice step is ``tile_size_level0``, or the tiles' spacing when that is smaller (an
+    overlapping grid: the smallest positive difference between distinct x or y coordinates,
+    if at least half the tile size — smaller differences are jitter). Without a tile size the
+    spacing is the step (1 level-0 pixel when undefined, e.g. for a single tile). Cells count from the top-left tile (the minimum coordinate is cell 0).
+    Two tiles are neighbours exactly when their cells differ by one.
+    """
+    c = np.asarray(coords_level0, dtype=np.float64).reshape(-1, 2)
+    if c.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    steps = [np.diff(np.unique(c[:, i])) for i in (0, 1)]
+    steps = [d[d > 0] for d in steps]
+    found = [float(d.min()) for d in steps if d.size]
+    step = min(found) if found else None
+    if tile_size_level0 is not None and tile_size_level0 > 0:
+        tile = float(tile_size_level0)
+        # spacing above the tile size = missing tiles in between; far below it = jitter
+        step = tile if step is None or not 0.5 * tile <= step < tile else step
+    if step is None:
+        step = 1.0
+    return np.rint((c - c.min(axis=0)) / step).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- writing

@@ -1,8 +1,10 @@
-"""``mirror-train export``: write one fold of a pretraining run as a model bundle (.mirror).
+"""``mirror-train export``: write a pretraining run's deployable model as a bundle (.mirror).
 
-The bundle holds the fold's best model, subtype and Cox heads for slide-only, RNA-only and
-combined inputs (fitted on that fold's training patients), the risk cut-off, the fold's
-held-out patients as reference cohort, and the run's evaluate metrics when present.
+``--refit`` (recommended after cross-validation): the model trained on **all** patients for the
+number of epochs the folds validated (trained into ``RUN/final`` first, resumable), heads fitted
+on all patients, out-of-fold reference curves and metrics. Without it: ``RUN/final`` when it
+exists, else one fold's model (``--fold``, default 0) with heads fitted on that fold's training
+patients and its held-out patients as reference cohort. The run's evaluate metrics go in too.
 See :func:`mirror_model.evaluation.export.export_bundle`.
 """
 
@@ -24,10 +26,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="bundle to write: FILE.mirror (one file) or a folder (bundle.json + model.safetensors)",
     )
     parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="export the model trained on all patients for the median of the folds' selected "
+        "epochs (trains RUN/final first if needed)",
+    )
+    parser.add_argument(
         "--fold",
         type=int,
         default=None,
-        help="fold whose model goes into the bundle (default: 0, or the run's only model)",
+        help="export this fold's model instead (default: RUN/final if trained, else fold 0)",
     )
     parser.add_argument(
         "--metrics",
@@ -80,13 +88,17 @@ def _provenance(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .._progress import TqdmProgress
+    from ..errors import ConfigError
     from ..evaluation.export import export_bundle
 
+    if args.refit and args.fold is not None:
+        raise ConfigError("--refit exports the model trained on all patients; drop --fold.")
     with TqdmProgress(disable=True if args.quiet else None) as bar:
         res = export_bundle(
             args.run,
             args.out,
             fold=args.fold,
+            refit=args.refit,
             metrics_path=args.metrics,
             device=args.device,
             seed=args.seed,
@@ -99,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     print(res.bundle.summary())
     for kind, m in res.reference_metrics.items():
         parts = [f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and k != "n"]
-        print(f"  held-out fold {res.fold} ({kind}, n={m.get('n')}): {', '.join(parts) or 'n/a'}")
+        where = "out-of-fold" if res.fold == "final" else f"held-out fold {res.fold}"
+        print(f"  {where} ({kind}, n={m.get('n')}): {', '.join(parts) or 'n/a'}")
     for note in res.notes:
         print(f"  note: {note}", file=sys.stderr)
     print(f"wrote {res.path}")

@@ -21,6 +21,7 @@ from .._kinds import INPUT_KINDS, input_matrix
 from .._progress import ProgressFn, StopFn, check_cancel, report
 from ..bundle import Bundle, build_document, headline_metrics, load_bundle, save_bundle
 from ..errors import BundleError, MirrorError
+from ..train.final import FINAL
 from .evaluate import FoldEmbeddings
 from .heads import HeadTargets, finite_rows, fit_subtype_probe, fit_survival_head, km_by_risk_group
 from .metrics import c_index, classification_metrics
@@ -35,15 +36,17 @@ class ExportResult:
 
     Attributes
     ----------
-    path : the bundle written.  fold : the fold whose model it holds.
+    path : the bundle written.  fold : the fold whose model it holds (``"final"``: the model
+        trained on all patients).
     bundle : the bundle as loaded back from ``path`` (validated).
-    reference_metrics : this fold's held-out numbers of the bundle's own heads, per input kind
-        (``auroc_macro``, ``accuracy``, ``c_index``, ``n``).
+    reference_metrics : held-out numbers per input kind (``auroc_macro``, ``accuracy``,
+        ``c_index``, ``n``): of this fold's heads on its test patients, or for ``"final"`` the
+        folds' pooled out-of-fold predictions.
     notes : choices worth telling the user (e.g. no test patients in a no-CV run).
     """
 
     path: Path
-    fold: int
+    fold: int | str
     bundle: Bundle
     reference_metrics: dict[str, dict[str, Any]]
     notes: list[str]
@@ -142,6 +145,20 @@ class _PatientSets:
     notes: list[str] = field(default_factory=list)
 
 
+def _final_patient_sets(patient_ids: list[str]) -> _PatientSets:
+    return _PatientSets(
+        list(patient_ids),
+        [],
+        [
+            "the model was trained on all patients (RUN/final); its heads were fitted on all "
+            "patients' embeddings. Reference cohort: the risk percentile is taken among the "
+            "training patients' own (in-sample) risks; the Kaplan-Meier curves, risk groups' "
+            "log-rank test and reference metrics are out-of-fold (each patient scored by the "
+            "fold model and heads that never saw it)."
+        ],
+    )
+
+
 def _patient_sets(split: Any) -> _PatientSets:
     fit_ids = [str(p) for p in list(split.train) + list(split.val)]
     ref_ids = [str(p) for p in split.test]
@@ -157,8 +174,9 @@ def _patient_sets(split: Any) -> _PatientSets:
     )
 
 
-def _load_fold(run_path: Path, fold: int | None) -> tuple[Any, int]:
-    """The run (``load_run``) and the fold to export (default: 0, or the only model)."""
+def _load_fold(run_path: Path, fold: int | str | None) -> tuple[Any, int | str]:
+    """The run (``load_run``) and the fold to export (default: 0, or the only model;
+    ``"final"``: the model trained on all patients)."""
     from ..train.run import load_run
 
     try:
@@ -170,6 +188,13 @@ def _load_fold(run_path: Path, fold: int | None) -> tuple[Any, int]:
             f"run {run_path} has no trained fold model yet (no fold_<k>/best.safetensors); "
             "finish `mirror-train pretrain` first."
         )
+    if fold == FINAL:
+        if not (run_path / FINAL / "model.json").is_file():
+            raise BundleError(
+                f"run {run_path} has no final model (trained on all patients) yet; export with "
+                "--refit to train it first."
+            )
+        return run, FINAL
     if fold is None:
         fold = 0 if 0 in run.folds else run.folds[0]
     if fold not in run.folds:
@@ -177,7 +202,7 @@ def _load_fold(run_path: Path, fold: int | None) -> tuple[Any, int]:
             f"fold {fold} of run {run_path} has no trained model; available folds: "
             f"{', '.join(map(str, run.folds))}."
         )
-    return run, int(fold)
+    return run, int(fold)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -260,7 +285,7 @@ def _reference_cohort(
 def _bundle_metrics(
     run_path: Path,
     metrics_path: str | os.PathLike[str] | None,
-    fold: int,
+    fold: int | str,
     ref_metrics: Mapping[str, Any],
     notes: list[str],
 ) -> dict[str, Any]:
@@ -273,7 +298,11 @@ def _bundle_metrics(
             "no metrics.json from `mirror-train evaluate` was found: the bundle carries only this "
             "fold's reference-cohort numbers (run evaluate first for cross-validated metrics)."
         )
-    metrics["reference_fold"] = {"fold": fold, **ref_metrics}
+    metrics["reference_fold"] = {
+        "fold": fold,
+        **({"source": "out-of-fold predictions of the cross-validation"} if fold == FINAL else {}),
+        **ref_metrics,
+    }
     return metrics
 
 
@@ -310,13 +339,96 @@ def _provenance(
     part.setdefault("synthetic", False)
     part.setdefault("training_data", describe_training(training, part["synthetic"]))
     return part
+def _out_of_fold(
+    run_path: Path,
+    metrics_path: str | os.PathLike[str] | None,
+    device: str,
+    should_stop: StopFn | None,
+) -> dict[str, Any]:
+    """Out-of-fold test predictions of the run's folds: ``{task: {kind: columns}}``.
+
+    From the ``evaluation.json`` beside the run's ``metrics.json`` (``mirror-train evaluate``)
+    when it has them, else evaluated here (subtype probe and Cox head, the evaluate defaults).
+    """
+    cands = []
+    if metrics_path is not None:
+        cands.append(Path(metrics_path).with_name("evaluation.json"))
+    cands += [run_path / Path(c).with_name("evaluation.json") for c in _METRICS_CANDIDATES]
+    for p in cands:
+        if not p.is_file():
+            continue
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc.get("runs"), dict):
+            doc = doc["runs"].get(run_path.name) or {}
+        pred = doc.get("predictions") if isinstance(doc, dict) else None
+        if isinstance(pred, dict) and pred.get("survival_cox") or pred and pred.get("subtype_linear"):
+            return pred
+    from .evaluate import evaluate_run
+
+    res = evaluate_run(run_path, None, device=device, should_stop=should_stop, k_shots=())
+    return res.predictions
+
+
+def _final_reference(
+    kind: str,
+    kh: _KindHeads,
+    X: np.ndarray | None,
+    targets: HeadTargets,
+    fit: np.ndarray,
+    oof: Mapping[str, Any],
+) -> None:
+    """Reference cohort and metrics of the final model's heads for one input kind.
+
+    Percentile basis: the final Cox head's (in-sample) risks of the training patients. Kaplan-
+    Meier curves, log-rank p and metrics: the folds' out-of-fold predictions (honest).
+    """
+    sub = (oof.get("subtype_linear") or {}).get(kind)
+    if sub and sub.get("proba"):
+        m = classification_metrics(
+            np.asarray(sub["y_true"], dtype=object), np.asarray(sub["proba"]), sub["classes"]
+        )
+        kh.metrics.update({k: m.get(k) for k in ("auroc_macro", "accuracy", "f1_macro")})
+    kh.metrics["n"] = int(len((sub or {}).get("y_true", [])))
+    surv = (oof.get("survival_cox") or {}).get(kind)
+    head = kh.heads.get("survival")
+    if head is None or X is None or not surv or not surv.get("risk"):
+        return
+    rows = targets.survival_rows(finite_rows(X, fit))
+    assert targets.time is not None and targets.event is not None
+    risk_in = head.predict_risk(X[rows])
+    t, e = np.asarray(surv["time"], np.float64), np.asarray(surv["event"], np.float64)
+    g = np.asarray(surv["group"])
+    curves = km_by_risk_group(t, e, g)
+    for grp, curve in curves.items():
+        curve.update(n=int(np.sum(g == grp)), n_events=int(np.sum(e[g == grp])))
+    lr = logrank_test(t, e, g)
+    kh.reference = {
+        "risk": np.asarray(risk_in, np.float64),
+        "time": targets.time[rows],
+        "event": targets.event[rows].astype(np.int64),
+        "group": risk_groups(risk_in, kh.risk["cutoff"] if kh.risk else float("nan")).tolist(),
+        "km": curves,
+        "logrank_p": None if not np.isfinite(lr.p_value) else lr.p_value,
+        "source": {
+            "risk": "the final model's Cox head on its training patients (in-sample); the basis "
+            "of the risk percentile",
+            "km": "out-of-fold: each patient grouped by the fold model and heads that never saw "
+            "it (cross-validation)",
+        },
+    }
+    kh.metrics["c_index"] = c_index(t, e, np.asarray(surv["risk"], np.float64))
+    kh.metrics["n"] = int(t.size)
 
 
 def export_bundle(
     run_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    fold: int | None = None,
+    fold: int | str | None = None,
     *,
+    refit: bool = False,
     metrics_path: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     seed: int = 0,
@@ -324,9 +436,18 @@ def export_bundle(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
 ) -> ExportResult:
-    """Export one fold of a pretraining run as a deployable bundle.
+    """Export a pretraining run's deployable model as a bundle.
 
-    Which model: the best checkpoint of ``fold`` (default: fold 0, or the single model of a
+    Which model: with ``refit=True`` (or ``fold="final"``, or by default when ``RUN/final``
+    exists) the **model trained on all patients** for the number of epochs the folds validated
+    (:func:`mirror_model.train.refit_final`, trained first when missing). Its heads are
+    fitted on all patients' embeddings; the risk cut-off is their median risk; the risk
+    percentile is taken among their (in-sample) risks; the reference Kaplan-Meier curves,
+    log-rank test and ``metrics["reference_fold"]`` are **out-of-fold** — every patient scored
+    by the fold model and heads that never saw it (from the run's ``evaluation.json`` next to
+    its ``metrics.json``, or computed here).
+
+    Otherwise the best checkpoint of ``fold`` (default: fold 0, or the single model of a
     no-CV run). Heads: a :class:`~mirror_model.evaluation.probes.LinearProbe` (subtype) and a
     :class:`~mirror_model.evaluation.survival.CoxHead` (survival) for each input kind
     (``slide``, ``rna``, ``both`` = concatenation), fitted on the frozen embeddings of that
@@ -355,9 +476,19 @@ def export_bundle(
     from ..train.run import embed_patients, load_fold_model, run_is_expression_only
 
     run_path = Path(run_dir)
+    if refit:
+        if fold not in (None, FINAL):
+            raise BundleError(
+                f"refit exports the model trained on all patients; it cannot export fold {fold}."
+            )
+        from ..train.final import refit_final
+
+        refit_final(run_path, progress=progress, should_stop=should_stop)
+        fold = FINAL
+    elif fold is None and (run_path / FINAL / "model.json").is_file():
+        fold = FINAL
     run, fold = _load_fold(run_path, fold)
-    sets = _patient_sets(run.splits.fold(fold))
-    notes = sets.notes
+    final = fold == FINAL
     check_cancel(should_stop, "export")
     report(progress, 0, 3, "loading model")
     fm = load_fold_model(run_path, fold, "cpu")
@@ -366,6 +497,16 @@ def export_bundle(
         embed_patients(run_path, fold, device=device, precision="fp32", should_stop=should_stop)
     )
     report(progress, 2, 3, "fitting heads")
+    if final:
+        sets = _final_patient_sets(emb.patient_ids)
+    else:
+        sets = _patient_sets(run.splits.fold(fold))
+        if any(f.test for f in run.splits.folds):
+            sets.notes.append(
+                f"the bundle holds fold {fold}'s model (trained on its training patients only); "
+                "export with --refit for the model trained on all patients."
+            )
+    notes = sets.notes
     row = {p: i for i, p in enumerate(emb.patient_ids)}
     missing = [p for p in sets.fit_ids + sets.ref_ids if p not in row]
     if missing:
@@ -390,6 +531,10 @@ def export_bundle(
             f"run {run_path} fold {fold}: no head could be fitted (the cohort has no subtype "
             "labels with two classes and no survival data); a bundle needs at least one."
         )
+    if final:
+        oof = _out_of_fold(run_path, metrics_path, device, should_stop)
+        for kind, kh in per_kind.items():
+            _final_reference(kind, kh, input_matrix(emb.slide, emb.rna, kind), targets, fit, oof)
     ref_metrics = {k: kh.metrics for k, kh in per_kind.items()}
     metrics = _bundle_metrics(run_path, metrics_path, fold, ref_metrics, notes)
 
@@ -411,6 +556,7 @@ def export_bundle(
         # the folder's name only: a bundle never records a path of the machine that built it
         "run": run_path.resolve().name,
         "fold": fold,
+        **({"final": fm.info.get("final")} if final else {}),
         "n_patients": len(emb.patient_ids),
         "n_slides": _n_slides(data),
         "n_fit_patients": int(fit.size),

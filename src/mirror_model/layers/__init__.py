@@ -1,5 +1,6 @@
 """Shared layers: Nyström attention, PPEG, the RNA transformer block, MLPs."""
 
+from .input_norm import FeatureStandardizer
 from .mlp import Mlp, MlpStack, xavier_init_linears
 from .nystrom import NystromAttention, NystromLayer, NystromResult, moore_penrose_pinv
 from .ppeg import PPEG
@@ -9,6 +10,7 @@ __all__ = [
     "PPEG",
     "ChunkAttention",
     "ChunkBlock",
+    "FeatureStandardizer",
     "Mlp",
     "MlpStack",
     "NystromAttention",

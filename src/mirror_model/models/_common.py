@@ -22,6 +22,7 @@ __all__ = [
     "check_rna",
     "prepare_bag",
     "sample_masks",
+    "sort_bag_by_position",
     "to_input_order",
 ]
 
@@ -43,6 +44,9 @@ class Bag:
         the input layout (no mask, or every tile real).
     n_input
         N, the number of tiles of the input (compact results are scattered back to this width).
+    positions
+        ``[B, Nc, 2]`` int64 lattice cells (column, row) of the tiles in compact layout, or
+        ``None`` when none were given.
     """
 
     x: Tensor
@@ -50,6 +54,7 @@ class Bag:
     lengths_list: list[int]
     order: Tensor | None
     n_input: int
+    positions: Tensor | None = None
 
     @property
     def uniform(self) -> bool:
@@ -86,10 +91,12 @@ def prepare_bag(
     tile_mask: Tensor | None,
     patch_dim: int,
     device: torch.device | None = None,
+    positions: Tensor | None = None,
 ) -> Bag:
     """Check ``features [B, N, D_p]`` (or ``[N, D_p]``) and ``tile_mask [B, N]``; compact them.
 
-    ``device`` is the model's device; features elsewhere raise a clear error.
+    ``device`` is the model's device; features elsewhere raise a clear error. ``positions``
+    ``[B, N, 2]`` (or ``[N, 2]``) integer lattice cells are checked and compacted alongside.
     """
     if not isinstance(features, Tensor):
         raise FeatureFileError(
@@ -100,6 +107,8 @@ def prepare_bag(
         features = features.unsqueeze(0)
         if tile_mask is not None and tile_mask.dim() == 1:
             tile_mask = tile_mask.unsqueeze(0)
+        if isinstance(positions, Tensor) and positions.dim() == 2:
+            positions = positions.unsqueeze(0)
     if features.dim() != 3:
         raise FeatureFileError(
             f"features must have shape [N, {patch_dim}] or [B, N, {patch_dim}]; "
@@ -118,9 +127,11 @@ def prepare_bag(
         "features contain NaN or infinite values; re-extract the features.",
     )  # fmt: skip
 
+    if positions is not None:
+        positions = _check_positions(positions, bsz, n, features.device)
     if tile_mask is None:
         lengths = torch.full((bsz,), n, dtype=torch.long, device=features.device)
-        return Bag(features, lengths, [n] * bsz, None, n)
+        return Bag(features, lengths, [n] * bsz, None, n, positions)
     if not isinstance(tile_mask, Tensor) or tuple(tile_mask.shape) != (bsz, n):
         shape = (
             tuple(tile_mask.shape) if isinstance(tile_mask, Tensor) else type(tile_mask).__name__
@@ -135,13 +146,60 @@ def prepare_bag(
             f"tile_mask marks no real tile in batch row(s) {empty}; every sample needs at least one tile."
         )
     if min(lengths_list) == n:
-        return Bag(features, lengths, lengths_list, None, n)
+        return Bag(features, lengths, lengths_list, None, n, positions)
     # stable sort puts real tiles first while keeping their input order
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
     n_compact = max(lengths_list)
     idx = order[:, :n_compact]
     x = features.gather(1, idx[:, :, None].expand(bsz, n_compact, dim))
-    return Bag(x, lengths, lengths_list, order, n)
+    if positions is not None:
+        positions = positions.gather(1, idx[:, :, None].expand(bsz, n_compact, 2))
+    return Bag(x, lengths, lengths_list, order, n, positions)
+
+
+def _check_positions(positions: Tensor, bsz: int, n: int, device: torch.device) -> Tensor:
+    if isinstance(positions, Tensor) and positions.dim() == 2 and bsz == 1:
+        positions = positions.unsqueeze(0)
+    if not isinstance(positions, Tensor) or tuple(positions.shape) != (bsz, n, 2):
+        shape = (
+            tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
+        )
+        raise FeatureFileError(
+            f"tile positions must be integer lattice cells of shape {(bsz, n, 2)} (one (column, "
+            f"row) per tile, see mirror_model.features.grid_positions); got {shape}."
+        )
+    if positions.is_floating_point():
+        if not bool(torch.isfinite(positions).all()) or bool((positions != positions.round()).any()):
+            raise FeatureFileError(
+                "tile positions must be whole lattice cells (column, row), not level-0 pixel "
+                "coordinates; convert them with mirror_model.features.grid_positions."
+            )
+    return positions.to(device=device, dtype=torch.long)
+
+
+def sort_bag_by_position(bag: Bag) -> Bag:
+    """The same bag with each sample's real tiles in raster order of their lattice cells.
+
+    Row-major (row, then column), ties (a tile drawn twice) in input order; padding stays last.
+    ``order`` is composed so :func:`to_input_order` still maps results back to the input order.
+    """
+    assert bag.positions is not None
+    pos = bag.positions
+    bsz, n_c, _ = pos.shape
+    valid = torch.arange(n_c, device=pos.device)[None, :] < bag.lengths[:, None]
+    rel = pos - torch.where(valid[..., None], pos, pos.new_full((), 2**31)).amin(1, keepdim=True)
+    width = int(rel[valid][:, 0].max()) + 1 if bool(valid.any()) else 1
+    key = torch.where(valid, rel[..., 1] * width + rel[..., 0], torch.iinfo(torch.long).max)
+    perm = torch.argsort(key, dim=1, stable=True)  # [B, Nc]
+    x = bag.x.gather(1, perm[:, :, None].expand_as(bag.x))
+    positions = pos.gather(1, perm[:, :, None].expand_as(pos))
+    if bag.order is None:
+        order = perm
+        if n_c < bag.n_input:  # cannot happen without a mask; kept for safety
+            order = torch.cat([perm, torch.arange(n_c, bag.n_input, device=perm.device).expand(bsz, -1)], 1)
+    else:
+        order = torch.cat([bag.order[:, :n_c].gather(1, perm), bag.order[:, n_c:]], dim=1)
+    return Bag(x, bag.lengths, bag.lengths_list, order, bag.n_input, positions)
 
 
 def to_input_order(values: Tensor, bag: Bag, fill: float | bool = 0) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..layers import FeatureStandardizer
 from ._common import SlideEncoderOutput, prepare_bag, to_input_order
 
 __all__ = ["GatedABMILEncoder"]
@@ -32,6 +33,11 @@ class GatedABMILEncoder(nn.Module):
         d, a = config.embed_dim, config.abmil_attention_dim
         self.patch_dim = config.patch_dim
         self.embed_dim = d
+        self.input_norm = (
+            FeatureStandardizer(config.patch_dim)
+            if config.slide_input_norm == "standardize"
+            else None
+        )
         self.fc = nn.Sequential(
             nn.Linear(config.patch_dim, d), nn.GELU(), nn.Dropout(config.abmil_dropout)
         )
@@ -46,9 +52,11 @@ class GatedABMILEncoder(nn.Module):
         """Encode ``features [B, N, D_p]`` (or ``[N, D_p]``) with optional ``tile_mask [B, N]``."""
         bag = prepare_bag(features, tile_mask, self.patch_dim, self.fc[0].weight.device)
         x = bag.x.to(self.fc[0].weight.dtype) if not torch.is_autocast_enabled() else bag.x
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < bag.lengths[:, None]
+        if self.input_norm is not None:
+            x = self.input_norm(x, None if bag.uniform else valid)
         h = self.fc(x)  # [B, Nc, D]
         logits = self.attn_c(torch.tanh(self.attn_a(h)) * torch.sigmoid(self.attn_b(h))).squeeze(-1)
-        valid = torch.arange(h.shape[1], device=h.device)[None, :] < bag.lengths[:, None]
         weights = (
             (logits if logits.dtype == torch.float64 else logits.float())
             .masked_fill(~valid, float("-inf"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -328,13 +329,22 @@ class MirrorModel(nn.Module):
         self.style = StyleClustering(config) if config.use_style_module else None
 
     # ------------------------------------------------------------------ inference
-    def encode_slide(self, features: Tensor, tile_mask: Tensor | None = None) -> SlideEncoding:
+    @property
+    def needs_positions(self) -> bool:
+        """Whether the slide encoder needs the tiles' lattice cells (``positions=``)."""
+        return self.config.slide_encoder == "transmil" and self.config.ppeg_layout == "grid"
+
+    def encode_slide(
+        self, features: Tensor, tile_mask: Tensor | None = None, positions: Tensor | None = None
+    ) -> SlideEncoding:
         """Slide embedding and per-tile attention of ``features [B, N, D_p]`` or ``[N, D_p]``.
 
-        Returns :class:`SlideEncoding` with ``embedding [B, D]`` and ``attention [B, N]``
-        (B = 1 for a 2-D input). Works without any expression input.
+        ``positions [B, N, 2]`` (or ``[N, 2]``): the tiles' integer lattice cells (column, row),
+        from :func:`mirror_model.features.grid_positions`; needed when :attr:`needs_positions`,
+        ignored otherwise. Returns :class:`SlideEncoding` with ``embedding [B, D]`` and
+        ``attention [B, N]`` (B = 1 for a 2-D input). Works without any expression input.
         """
-        out = self.slide_encoder(features, tile_mask)
+        out = self._encode(features, tile_mask, positions=positions)
         return SlideEncoding(embedding=out.embedding, attention=out.attention)
 
     def encode_rna(self, rna: Tensor) -> Tensor:
@@ -370,6 +380,7 @@ class MirrorModel(nn.Module):
         rna: Tensor,
         tile_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        positions: Tensor | None = None,
     ) -> MirrorOutput:
         """Pretraining forward pass on a paired batch.
 
@@ -384,6 +395,8 @@ class MirrorModel(nn.Module):
         generator
             Random generator (on the model's device) for the retention masks, e.g. a freshly
             seeded one for a reproducible validation loss; None uses torch's global RNG.
+        positions
+            ``[B, N, 2]`` lattice cells of the tiles (see :meth:`encode_slide`).
         """
         cfg = self.config
         if not self.training_parts:
@@ -399,7 +412,7 @@ class MirrorModel(nn.Module):
             )
         rna = check_rna(rna, cfg.n_genes, self._param_device())
         want_tokens = self.slide_retention is not None
-        slide = self.slide_encoder(features, tile_mask, return_tokens=want_tokens)
+        slide = self._encode(features, tile_mask, return_tokens=want_tokens, positions=positions)
         if slide.embedding.shape[0] != rna.shape[0]:
             from ..errors import ConfigError
 
@@ -498,6 +511,16 @@ class MirrorModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ helpers
+    def _encode(
+        self,
+        features: Tensor,
+        tile_mask: Tensor | None,
+        return_tokens: bool = False,
+        positions: Tensor | None = None,
+    ) -> Any:
+        if self.needs_positions:
+            return self.slide_encoder(features, tile_mask, return_tokens, positions=positions)
+        return self.slide_encoder(features, tile_mask, return_tokens)
     def _rna_retention_term(self, out: MirrorOutput, generator: torch.Generator | None) -> None:
         """Add ``ret_rna`` (masked latent reconstruction of the RNA embedding) to ``out``."""
         if self.rna_retention is None:

@@ -100,6 +100,10 @@ class TrainConfig:
         Also write ``last.ckpt`` every this many optimisation steps (0 = at epoch ends only).
     max_steps : int or None
         Stop (with a resumable checkpoint) after this many optimisation steps in total.
+    stop_after_epochs : int or None
+        Follow the ``epochs``-long schedule but stop after this many epochs and keep the model
+        of the last one (the final model trained on all patients, see
+        :func:`mirror_model.train.refit_final`, stops at the epoch the folds validated).
     log_every_steps : int
         Steps between progress/metric updates of the running training loss.
     """
@@ -133,6 +137,7 @@ class TrainConfig:
     cache_gb: float = 8.0
     checkpoint_every_steps: int = 0
     max_steps: int | None = None
+    stop_after_epochs: int | None = None
     log_every_steps: int = 1
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -145,8 +150,13 @@ class TrainConfig:
         c = FieldChecker(self, "TrainConfig")
         for name in ("epochs", "batch_size", "tiles_per_slide", "folds", "log_every_steps"):
             c.integer(name, 1)
-        for name in ("val_tiles_per_slide", "n_genes", "max_steps"):
+        for name in ("val_tiles_per_slide", "n_genes", "max_steps", "stop_after_epochs"):
             c.integer(name, 1, optional=True)
+        c.rule(
+            "stop_after_epochs",
+            self.stop_after_epochs is None or self.stop_after_epochs <= self.epochs,
+            f"must be at most epochs = {self.epochs}",
+        )
         for name in ("seed", "num_workers", "checkpoint_every_steps"):
             c.integer(name, 0)
         c.number("lr", 0.0, lo_open=True)
@@ -236,6 +246,11 @@ class TrainConfig:
         import yaml
 
         return cls.from_dict(yaml.safe_load(text) or {})
+
+    @property
+    def last_epoch(self) -> int:
+        """Number of epochs actually trained (``stop_after_epochs`` or ``epochs``)."""
+        return self.stop_after_epochs or self.epochs
 
     @property
     def val_tiles(self) -> int:

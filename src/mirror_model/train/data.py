@@ -151,6 +151,7 @@ class FeatureStore:
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cached_bytes = 0
         self._info: dict[str, SlideInfo] = {}
+        self._cells: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     # -- headers ---------------------------------------------------------------
@@ -194,6 +195,23 @@ class FeatureStore:
                 + ". Extract all slides with one encoder."
             )
         return infos[0]
+
+    def cells(self, slide_id: str) -> torch.Tensor:
+        """The slide's tile lattice cells ``[N, 2]`` int64 (column, row), cached.
+
+        Raises :class:`FeatureFileError` for a file without coordinates.
+        """
+        with self._lock:
+            cached = self._cells.get(slide_id)
+        if cached is not None:
+            return cached
+        from ..features import read_features
+
+        ff = read_features(self.paths[slide_id], load_features=False)
+        cells = torch.from_numpy(ff.grid_positions())
+        with self._lock:
+            self._cells[slide_id] = cells
+        return cells
 
     # -- rows ------------------------------------------------------------------
     def _load(self, slide_id: str) -> torch.Tensor:
@@ -303,6 +321,7 @@ class Batch:
     rna: torch.Tensor  # [b, G] float32
     global_size: int  # patients in the whole global batch (all ranks)
     tile_mask: torch.Tensor | None = None  # [b, T] bool, True = real tile (None: all real)
+    positions: torch.Tensor | None = None  # [b, T, 2] int64 lattice cells (when requested)
 
 
 class PatientBags:
@@ -337,6 +356,22 @@ class PatientBags:
         self, i: int, n_tiles: int, generator: torch.Generator, multi_slide: str = "pool"
     ) -> torch.Tensor:
         """Sampled features ``[min(n_tiles, tiles of the patient), D]`` of patient ``i``."""
+        return self.sample(i, n_tiles, generator, multi_slide)[0]
+
+    def sample(
+        self,
+        i: int,
+        n_tiles: int,
+        generator: torch.Generator,
+        multi_slide: str = "pool",
+        positions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampled features ``[min(n_tiles, tiles of the patient), D]`` of patient ``i`` and,
+        if ``positions``, their lattice cells ``[.., 2]`` (the same random draws either way).
+
+        A patient's slides are laid side by side on one lattice (each slide shifted right past
+        the previous one with a gap), so tiles of different slides are never neighbours.
+        """
         assert self.store is not None, "an expression-only cohort has no tiles"
         sids = self.slides[self.patient_ids[i]]
         if multi_slide == "one" and len(sids) > 1:
@@ -344,17 +379,34 @@ class PatientBags:
             sids = [sids[j]]
         counts = [self.store.info(s).n_tiles for s in sids]
         idx = sample_tile_indices(sum(counts), n_tiles, generator)
+        cells = None
         if len(sids) == 1:
-            return self.store.rows(sids[0], idx)
+            if positions:
+                cells = self.store.cells(sids[0]).index_select(0, idx)
+            return self.store.rows(sids[0], idx), cells
         # map pooled indices back to (slide, row) and keep the sampled order
         bounds = torch.tensor(np.cumsum([0, *counts]), dtype=torch.int64)
         which = torch.bucketize(idx, bounds[1:], right=True)
         out = torch.empty(idx.numel(), self.store.info(sids[0]).dim, dtype=torch.float32)
+        if positions:
+            cells = torch.empty(idx.numel(), 2, dtype=torch.int64)
+        shift = 0
         for j, s in enumerate(sids):
             m = which == j
             if bool(m.any()):
                 out[m] = self.store.rows(s, idx[m] - bounds[j])
-        return out
+            if cells is not None:
+                slide_cells = self.store.cells(s)
+                if bool(m.any()):
+                    cells[m] = slide_cells.index_select(0, idx[m] - bounds[j]) + torch.tensor(
+                        [shift, 0]
+                    )
+                shift += int(slide_cells[:, 0].max()) + 1 + _SLIDE_GAP_CELLS
+        return out, cells
+
+
+#: Empty lattice columns between the slides of one patient (wider than any PPEG kernel's reach).
+_SLIDE_GAP_CELLS = 16
 
 
 class BatchLoader:
@@ -381,7 +433,9 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        positions: bool = False,
     ) -> None:
+        self.positions = positions
         self.bags = bags
         self.batch_size = batch_size
         self.tiles = tiles_per_slide
@@ -426,13 +480,15 @@ class BatchLoader:
         mine = list(range(self.rank, len(members), self.world_size))
         stream = 2 if self.train else 3
         ep = epoch if self.train else 0
-        feats, ids = [], []
+        feats, cells, ids = [], [], []
         for pos in mine:
             i = members[pos]
             ids.append(self.bags.patient_ids[i])
             if self.bags.store is not None:
                 g = step_generator(self.seed, stream, ep, step, pos)
-                feats.append(self.bags.bag(i, self.tiles, g, self.multi_slide))
+                f, c = self.bags.sample(i, self.tiles, g, self.multi_slide, self.positions)
+                feats.append(f)
+                cells.append(c)
         sel = torch.tensor([members[p] for p in mine], dtype=torch.int64)
         rna = self.bags.rna.index_select(0, sel)
         if self.bags.store is None:
@@ -443,10 +499,13 @@ class BatchLoader:
         longest = max(f.shape[0] for f in feats)
         x = feats[0].new_zeros(len(feats), longest, feats[0].shape[1])
         mask = torch.zeros(len(feats), longest, dtype=torch.bool)
+        pos_t = torch.zeros(len(feats), longest, 2, dtype=torch.int64) if self.positions else None
         for b, f in enumerate(feats):
             x[b, : f.shape[0]] = f
             mask[b, : f.shape[0]] = True
-        return Batch(ids, x, rna, len(members), None if bool(mask.all()) else mask)
+            if pos_t is not None:
+                pos_t[b, : f.shape[0]] = cells[b]
+        return Batch(ids, x, rna, len(members), None if bool(mask.all()) else mask, pos_t)
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Batch]]:
         """Yield ``(step, batch)`` for ``start_step .. steps_per_epoch-1`` (prefetching if num_workers>0)."""

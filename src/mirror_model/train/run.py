@@ -62,6 +62,7 @@ from .._device import autocast, resolve_device, resolve_precision
 from .._progress import ProgressFn, StopFn, check_cancel, report
 from ..errors import ConfigError, FeatureFileError, TrainingError
 from .config import TrainConfig
+from .final import FINAL
 from .splits import Splits
 
 __all__ = [
@@ -83,9 +84,9 @@ CONFIG_FILE = "config.yaml"
 SPLITS_FILE = "splits.json"
 
 
-def fold_dirname(fold: int) -> str:
-    """``fold_<k>``: the sub-folder of fold ``k``."""
-    return f"fold_{int(fold)}"
+def fold_dirname(fold: int | str) -> str:
+    """``fold_<k>``: the sub-folder of fold ``k``; ``"final"`` for :data:`FINAL`."""
+    return FINAL if fold == FINAL else f"fold_{int(fold)}"
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,10 @@ class RunInfo:
 
 @dataclass
 class FoldModel:
-    """A trained fold model ready for inference (eval mode, on ``device``)."""
+    """A trained fold model ready for inference (eval mode, on ``device``); ``fold`` is
+    :data:`FINAL` for the model trained on all patients."""
 
-    fold: int
+    fold: int | str
     model: torch.nn.Module
     model_config: Any
     preprocessing: Any  # fitted preprocessing of mirror_model.genes (.transform(values, genes))
@@ -217,9 +219,10 @@ def _preprocessing_from_dict(doc: dict[str, Any]) -> Any:
 
 
 def load_fold_model(
-    run_dir: str | os.PathLike[str], fold: int, device: str | torch.device = "cpu"
+    run_dir: str | os.PathLike[str], fold: int | str, device: str | torch.device = "cpu"
 ) -> FoldModel:
-    """Rebuild the best model of ``fold`` (weights from ``best.safetensors``) in eval mode."""
+    """Rebuild the best model of ``fold`` (weights from ``best.safetensors``) in eval mode;
+    ``fold="final"`` loads the model trained on all patients (``RUN/final``)."""
     from ..config import ModelConfig
     from ..models import create_model
     from .checkpoint import load_safetensors_state
@@ -250,7 +253,7 @@ def load_fold_model(
         p.requires_grad_(False)
     prep_doc = dict(info.get("preprocessing", {}))
     return FoldModel(
-        int(fold),
+        fold if fold == FINAL else int(fold),
         model,
         cfg,
         _preprocessing_from_dict(prep_doc),
@@ -280,7 +283,7 @@ def _given_or_recorded(value: Any, data: dict[str, Any], key: str, what: str) ->
 
 def embed_patients(
     run_dir: str | os.PathLike[str],
-    fold: int,
+    fold: int | str,
     cohort: Any = None,
     expression: Any = None,
     features_dir: str | os.PathLike[str] | None = None,
@@ -406,11 +409,14 @@ def embed_patients(
                             f"{fm.encoder.get('name')!r})."
                         )
                     keep = _subsample(feats.shape[0], max_tiles, seed=zlib.crc32(sid.encode()))
+                    cells = ff.grid_positions() if model.needs_positions else None
                     if keep is not None:
                         feats = feats[keep]
+                        cells = None if cells is None else cells[keep]
                     xb = torch.from_numpy(feats).to(dev).unsqueeze(0)
+                    kw = {} if cells is None else {"positions": torch.from_numpy(cells).to(dev)}
                     with autocast(dev, prec):
-                        enc = model.encode_slide(xb)
+                        enc = model.encode_slide(xb, **kw)
                     embs.append(enc.embedding.float().cpu().numpy()[0])
                 out.append(np.mean(embs, axis=0))
                 done += 1

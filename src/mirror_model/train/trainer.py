@@ -73,6 +73,7 @@ _RESUMABLE_CHANGES = {
     "device",
     "num_workers",
     "max_steps",
+    "stop_after_epochs",
     "log_every_steps",
     "checkpoint_every_steps",
     "feature_cache",
@@ -265,7 +266,8 @@ def _forward_losses(
     precision: str,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and terms of one batch: both modalities, or the RNA-only forward when the batch
-    has no features (expression-only cohort). Padding tiles are masked out."""
+    has no features (expression-only cohort). Padding tiles are masked out; the tiles'
+    lattice cells go along when the batch carries them (``ppeg_layout="grid"``)."""
     r = batch.rna.to(device, non_blocking=True)
     with autocast(device, precision):
         if batch.features is None:
@@ -274,7 +276,10 @@ def _forward_losses(
         else:
             x = batch.features.to(device, non_blocking=True)
             m = None if batch.tile_mask is None else batch.tile_mask.to(device, non_blocking=True)
-            out = model(features=x, rna=r, tile_mask=m)
+            kw = {}
+            if getattr(batch, "positions", None) is not None:
+                kw["positions"] = batch.positions.to(device, non_blocking=True)
+            out = model(features=x, rna=r, tile_mask=m, **kw)
     return out.loss.float(), {k: v.float() for k, v in out.losses.items()}
 
 
@@ -395,9 +400,12 @@ class FoldTrainer:
             self.params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
         )
         self.train_loader = self._loader(data.train, tcfg.tiles_per_slide, 6, train=True)
-        self.val_loader = self._loader(data.val, tcfg.val_tiles, 7, train=False)
+        self.val_loader = (
+            self._loader(data.val, tcfg.val_tiles, 7, train=False) if len(data.val) else None
+        )
         steps_per_epoch = self.train_loader.steps_per_epoch()
-        self.total_steps = total = steps_per_epoch * tcfg.epochs
+        self.total_steps = total = steps_per_epoch * tcfg.epochs  # of the lr schedule
+        self.planned_steps = steps_per_epoch * tcfg.last_epoch  # actually trained
         warmup = int(round(tcfg.warmup_epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -428,6 +436,8 @@ class FoldTrainer:
                 f"processes ({ctx.world_size})."
             )
         for name, bags in (("training", self.data.train), ("inner-validation", self.data.val)):
+            if name == "inner-validation" and len(bags) == 0:
+                continue  # the final model: no validation, the last epoch is kept
             if len(bags) < ctx.world_size:
                 raise ConfigError(
                     f"fold {k} has {len(bags)} {name} patient(s), fewer than the {ctx.world_size} processes; "
@@ -446,6 +456,7 @@ class FoldTrainer:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             num_workers=tcfg.num_workers,
+            positions=bool(getattr(self.model, "needs_positions", False)),
         )
 
     def _restore(self) -> None:
@@ -572,7 +583,10 @@ class FoldTrainer:
         )
 
     def validate(self) -> dict[str, float]:
-        """Mean loss terms over the inner-validation patients (fixed tiles and masks)."""
+        """Mean loss terms over the inner-validation patients (fixed tiles and masks); empty
+        without validation patients."""
+        if self.val_loader is None:
+            return {}
         return _evaluate(
             self.model, self.val_loader, self.device, self.precision, self.ctx, self.config.seed
         )
@@ -587,14 +601,17 @@ class FoldTrainer:
             row["train_" + n] = v / cnt
         for n, v in val.items():
             row["val_" + n] = v
-        improved = math.isfinite(val["loss"]) and val["loss"] < state.best_val_loss
+        if val:
+            improved = math.isfinite(val["loss"]) and val["loss"] < state.best_val_loss
+        else:  # no validation patients: the model of the last epoch is the one kept
+            improved = epoch + 1 == self.config.last_epoch
         row["lr"] = float(self.optimizer.param_groups[0]["lr"])
         state.seconds = time.perf_counter() - self._t_start
         row["seconds"] = round(state.seconds, 3)
         row["best"] = bool(improved)
         self.log.append(row)
         if improved:
-            state.best_val_loss = float(val["loss"])
+            state.best_val_loss = float(val.get("loss", math.nan))
             state.best_epoch = epoch
             self.save_best(state.best_val_loss, epoch)
         state.epoch += 1
@@ -620,7 +637,7 @@ class FoldTrainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, progress: ProgressFn | None = None, progress_bar: bool = False) -> FoldResult:
-        """Train to ``config.epochs`` (or ``max_steps``: ``completed=False``).
+        """Train to ``config.last_epoch`` (or ``max_steps``: ``completed=False``).
 
         Raises Cancelled when asked to stop, after checkpointing the last completed step.
         """
@@ -630,7 +647,7 @@ class FoldTrainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(
-                total=self.total_steps,
+                total=self.planned_steps,
                 initial=state.global_step,
                 desc=f"fold {k}",
                 unit="step",
@@ -639,7 +656,7 @@ class FoldTrainer:
         self.model.train()
         self._t_start = time.perf_counter() - state.seconds
         try:
-            while state.epoch < tcfg.epochs:
+            while state.epoch < tcfg.last_epoch:
                 epoch = state.epoch
                 for step, batch in self.train_loader.iterate(epoch, state.step_in_epoch):
                     if tcfg.max_steps is not None and state.global_step >= tcfg.max_steps:
@@ -661,7 +678,7 @@ class FoldTrainer:
                     if bar is not None and (state.global_step % tcfg.log_every_steps == 0):
                         bar.set_postfix({n: f"{v:.3f}" for n, v in vals.items()}, refresh=False)
                         bar.update(tcfg.log_every_steps)
-                    report(progress, state.global_step, self.total_steps, f"pretraining fold {k}")
+                    report(progress, state.global_step, self.planned_steps, f"pretraining fold {k}")
                     if (
                         tcfg.checkpoint_every_steps
                         and state.global_step % tcfg.checkpoint_every_steps == 0
@@ -669,9 +686,8 @@ class FoldTrainer:
                         self.save_checkpoint()
                 val = self.end_of_epoch(epoch)
                 if bar is not None:
-                    bar.set_description(
-                        f"fold {k} epoch {epoch + 1}/{tcfg.epochs} val {val['loss']:.3f}"
-                    )
+                    shown = f" val {val['loss']:.3f}" if val else ""
+                    bar.set_description(f"fold {k} epoch {epoch + 1}/{tcfg.last_epoch}{shown}")
         finally:
             if bar is not None:
                 bar.close()
@@ -1209,7 +1225,7 @@ def _pretrain(
         if not planned:
             planned = True
             steps = trainer.train_loader.steps_per_epoch()
-            val_steps = trainer.val_loader.steps_per_epoch()
+            val_steps = trainer.val_loader.steps_per_epoch() if trainer.val_loader else 0
             n_left = len(
                 [
                     f
@@ -1256,4 +1272,4 @@ _LOSS_WORDS = {
 def _fold_finished(fdir: Path, tcfg: TrainConfig) -> bool:
     if not (fdir / "last.ckpt").is_file() or not (fdir / "model.json").is_file():
         return False
-    return load_checkpoint(fdir / "last.ckpt")["train_state"].epoch >= tcfg.epochs
+    return load_checkpoint(fdir / "last.ckpt")["train_state"].epoch >= tcfg.last_epoch
