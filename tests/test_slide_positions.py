@@ -210,15 +210,20 @@ def test_batches_carry_the_sampled_tiles_cells_and_slides_of_a_patient_never_tou
         paths[sid] = p
     store = FeatureStore(paths)
     bags = PatientBags(["P"], {"P": ["A", "B"]}, np.zeros((1, 3), np.float32), store)
-    loader = BatchLoader(bags, 1, 30, seed=0, train=True, positions=True)
+    loader = BatchLoader(bags, 1, 16, seed=0, train=True, positions=True)
     batch = loader.make_batch(0, 0)
     x, pos = batch.features[0], batch.positions[0]
-    assert pos.shape == (30, 2) and pos.dtype == torch.int64
+    assert pos.shape == (16, 2) and pos.dtype == torch.int64
     from_a = pos[:, 0] < 12
+    assert 0 < int(from_a.sum()) < 16  # both slides drawn from
     # slide A's tiles sit at their own cell (column = row index); slide B's are shifted past A
     assert torch.equal(pos[from_a, 0], x[from_a, 0].long())
-    assert int(pos[~from_a, 0].min()) >= 12 + 15  # a gap wider than any PPEG kernel reaches
-    assert torch.equal(pos[~from_a, 0] - int(pos[~from_a, 0].min()), x[~from_a, 0].long() - int(x[~from_a, 0].min()))
-    # the same draws with and without positions
-    plain = BatchLoader(bags, 1, 30, seed=0, train=True).make_batch(0, 0)
+    shift = 12 + 16  # A's 12 columns, then a gap wider than any PPEG kernel reaches
+    assert torch.equal(pos[~from_a, 0], x[~from_a, 0].long() + shift)
+    assert bool((pos[:, 1] == 0).all())
+    # the same draws with and without positions; a padded batch carries zeros at padding
+    plain = BatchLoader(bags, 1, 16, seed=0, train=True).make_batch(0, 0)
     assert plain.positions is None and torch.equal(plain.features, batch.features)
+    bags2 = PatientBags(["P", "Q"], {"P": ["A", "B"], "Q": ["B"]}, np.zeros((2, 3), np.float32), store)
+    val = BatchLoader(bags2, 2, 16, seed=0, train=False, positions=True).make_batch(0, 0)
+    assert val.positions.shape == (2, 16, 2) and bool(val.tile_mask[1, 9:].logical_not().all())
