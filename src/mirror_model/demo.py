@@ -15,8 +15,9 @@ minutes, and shows that the pipeline *learns*:
 5. ``heatmap``  — AUROC of each held-out slide's tile attention against its ground-truth tumour
    mask (a tile is tumour when ≥ 50 % of it is tumour in ``DIR/masks``), per slide, with the
    model of the fold that held the slide out;
-6. ``export``   — ``DIR/demo.mirror``: the fold-0 model with its heads (see
-   :func:`mirror_model.evaluation.export.export_bundle`);
+6. ``export``   — ``DIR/demo.mirror``: the model trained on all patients for the number of
+   epochs the folds validated (``DIR/run/final``), with heads fitted on all patients and
+   out-of-fold reference curves (see :func:`mirror_model.evaluation.export.export_bundle`);
 7. ``report``   — ``DIR/metrics.json`` (the evaluation tree plus ``"heatmap"`` and ``"demo"``)
    and ``DIR/report.md`` with the figures.
 
@@ -458,9 +459,11 @@ def heatmap_tumour_auroc(
             model_cache[k] = load_fold_model(run_dir, k, device).model
         ff = read_features(paths[sid])
         x = torch.from_numpy(ff.features).unsqueeze(0)
+        cells = torch.from_numpy(ff.grid_positions())
         model = model_cache[k]
         with torch.no_grad():
-            att = model.encode_slide(x).attention.float().numpy()[0].astype(np.float64)
+            att = model.encode_slide(x, positions=cells).attention.float().numpy()[0]
+        att = att.astype(np.float64)
         frac = tile_tumour_fraction(
             _read_mask(mp), ff.coords_level0, ff.patch_size_level0, mask_downsample
         )
@@ -479,7 +482,8 @@ def heatmap_tumour_auroc(
         if other is not None:  # TransMIL: the row of the other layer, for comparison
             rec["heatmap_layer"] = model.slide_encoder.heatmap_layer
             with _heatmap_layer_set(model, other), torch.no_grad():
-                att_o = model.encode_slide(x).attention.float().numpy()[0].astype(np.float64)
+                att_o = model.encode_slide(x, positions=cells).attention.float().numpy()[0]
+            att_o = att_o.astype(np.float64)
             auc_o = binary_auroc(lab, att_o)
             rec["other_layer"] = other
             rec["auroc_other_layer"] = None if np.isnan(auc_o) else auc_o
@@ -577,7 +581,10 @@ def _heatmap_figure(
         ff = read_features(paths[sid])
         model = load_fold_model(run_dir, r["fold"], "cpu").model
         with torch.no_grad():
-            att = model.encode_slide(torch.from_numpy(ff.features).unsqueeze(0)).attention
+            att = model.encode_slide(
+                torch.from_numpy(ff.features).unsqueeze(0),
+                positions=torch.from_numpy(ff.grid_positions()),
+            ).attention
         att = att.float().numpy()[0]
         with open_slide(table.loc[sid, "slide_path"]) as slide:
             thumb = slide.get_thumbnail(512)
@@ -796,15 +803,17 @@ def demo_provenance(s: DemoSettings) -> dict[str, Any]:
 
 
 def _export_stage(r: _DemoRun, progress: ProgressFn | None) -> dict[str, Any]:
-    """``DIR/demo.mirror``: the fold-0 model with its heads and the demo's metrics."""
+    """``DIR/demo.mirror``: the model trained on all patients for the epochs the folds
+    validated (``DIR/run/final``), its heads, out-of-fold reference curves, the demo's metrics."""
     from .evaluation.export import export_bundle
 
     _write_metrics(r.out, r.settings, r.state, r.timings)
     ex = export_bundle(
         r.run_dir,
         r.bundle_path,
-        fold=0,
+        refit=True,
         metrics_path=r.out / "metrics.json",
+        evaluation_path=r.eval_dir / "evaluation.json",
         device="cpu",
         provenance=demo_provenance(r.settings),
         progress=progress,
@@ -972,7 +981,7 @@ def _write_metrics(
         "total_seconds": round(sum(v for v in stage_seconds.values() if v), 2),
         "bundle": "demo.mirror" if (out / "demo.mirror").is_file() else None,
         "bundle_sha256": exp.get("bundle_sha256"),
-        "bundle_reference_fold0": exp.get("reference_metrics"),
+        "bundle_reference": exp.get("reference_metrics"),
         "package_version": __version__,
     }
     atomic_write_text(out / "metrics.json", json.dumps(jsonable(metrics), indent=2) + "\n")
@@ -1049,13 +1058,16 @@ def _write_report(
             f"![attention vs tumour]({hm['figure']})",
             "",
         ]
-    ref = demo.get("bundle_reference_fold0") or {}
+    ref = demo.get("bundle_reference") or {}
     lines += [
         "## The bundle",
         "",
-        f"`demo.mirror` (sha256 `{(demo.get('bundle_sha256') or '')[:16]}…`): the fold-0 model, "
-        "with subtype and Cox heads for slide-only, RNA-only and both inputs fitted on fold 0's "
-        "training patients; its reference cohort is fold 0's held-out patients:",
+        f"`demo.mirror` (sha256 `{(demo.get('bundle_sha256') or '')[:16]}…`): the model trained "
+        "on all patients for the number of epochs the folds validated (the median of their "
+        "selected epochs), with subtype and Cox heads for slide-only, RNA-only and both inputs "
+        "fitted on all patients. It has no held-out patients of its own: its reference curves "
+        "and the numbers below are the cross-validation's out-of-fold predictions (each patient "
+        "scored by the fold model that never saw it):",
         "",
         "| input | AUROC | accuracy | C-index | n |",
         "|---|---|---|---|---|",

@@ -566,6 +566,13 @@ class SlideFeatures:
     slide_mpp: float | None
     slide_dimensions: tuple[int, int] | None
 
+    def positions(self) -> np.ndarray:
+        """The tiles' lattice cells ``[N, 2]`` int64 (column, row), for encoders that mix
+        neighbouring tiles (``MirrorModel.encode_slide(..., positions=)``)."""
+        from .features import grid_positions
+
+        return grid_positions(self.coords_level0, self.tile_size_level0)
+
     def fill(self, pred: Prediction) -> None:
         """Copy the tile geometry into ``pred``."""
         pred.coords_level0 = self.coords_level0
@@ -633,8 +640,11 @@ def _slide_encoder_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> N
     report(run.progress, 0, 1, "slide encoder")
     with run.timer.stage("slide_encoder"), torch.no_grad():
         xb = torch.from_numpy(slide.features).to(run.dev).unsqueeze(0)
+        kw = {}
+        if getattr(run.model, "needs_positions", False):
+            kw["positions"] = torch.from_numpy(slide.positions()).to(run.dev)
         with autocast(run.dev, run.prec):
-            enc = run.model.encode_slide(xb)
+            enc = run.model.encode_slide(xb, **kw)
         pred.slide_embedding = enc.embedding.float().cpu().numpy()[0]
         att = enc.attention.float().cpu().numpy()[0].astype(np.float64)
     # renormalise in float64: bf16 rounding must not leave a sum of 0.998

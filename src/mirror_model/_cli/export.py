@@ -42,6 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="metrics.json of mirror-train evaluate (default: looked for in the run folder)",
     )
+    parser.add_argument(
+        "--evaluation",
+        default=None,
+        help="evaluation.json of mirror-train evaluate: out-of-fold predictions for --refit's "
+        "reference curves (default: beside --metrics or in the run folder; else computed)",
+    )
     add_device_option(parser, default="cpu", purpose="where to embed the patients")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the heads' inner cross-validation"
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             fold=args.fold,
             refit=args.refit,
             metrics_path=args.metrics,
+            evaluation_path=args.evaluation,
             device=args.device,
             seed=args.seed,
             provenance=_provenance(args),

@@ -342,15 +342,22 @@ def _provenance(
 def _out_of_fold(
     run_path: Path,
     metrics_path: str | os.PathLike[str] | None,
+    evaluation_path: str | os.PathLike[str] | None,
     device: str,
     should_stop: StopFn | None,
 ) -> dict[str, Any]:
     """Out-of-fold test predictions of the run's folds: ``{task: {kind: columns}}``.
 
-    From the ``evaluation.json`` beside the run's ``metrics.json`` (``mirror-train evaluate``)
-    when it has them, else evaluated here (subtype probe and Cox head, the evaluate defaults).
+    From ``evaluation_path`` or the ``evaluation.json`` beside the run's ``metrics.json``
+    (``mirror-train evaluate``) when it has them, else evaluated here (subtype probe and Cox
+    head, the evaluate defaults).
     """
     cands = []
+    if evaluation_path is not None:
+        p = Path(evaluation_path)
+        if not p.is_file():
+            raise BundleError(f"evaluation file {p} does not exist (from mirror-train evaluate).")
+        cands.append(p)
     if metrics_path is not None:
         cands.append(Path(metrics_path).with_name("evaluation.json"))
     cands += [run_path / Path(c).with_name("evaluation.json") for c in _METRICS_CANDIDATES]
@@ -430,6 +437,7 @@ def export_bundle(
     *,
     refit: bool = False,
     metrics_path: str | os.PathLike[str] | None = None,
+    evaluation_path: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     seed: int = 0,
     provenance: Mapping[str, Any] | None = None,
@@ -463,7 +471,10 @@ def export_bundle(
     run_dir : the ``mirror-train pretrain`` output folder.
     out : the ``.mirror`` file to write (or a folder: see :func:`save_bundle`).
     fold : the fold to export.
+    refit : train (if needed) and export the model trained on all patients.
     metrics_path : an evaluate ``metrics.json`` (default: looked for in ``run_dir``).
+    evaluation_path : the evaluate ``evaluation.json`` whose out-of-fold predictions give the
+        final model's reference curves (default: beside ``metrics_path`` or in ``run_dir``).
     device : where to embed the patients.
     seed : seed of the heads' inner cross-validation.
     provenance : what every prediction of the bundle will show about the model: ``name``
@@ -532,7 +543,7 @@ def export_bundle(
             "labels with two classes and no survival data); a bundle needs at least one."
         )
     if final:
-        oof = _out_of_fold(run_path, metrics_path, device, should_stop)
+        oof = _out_of_fold(run_path, metrics_path, evaluation_path, device, should_stop)
         for kind, kh in per_kind.items():
             _final_reference(kind, kh, input_matrix(emb.slide, emb.rna, kind), targets, fit, oof)
     ref_metrics = {k: kh.metrics for k, kh in per_kind.items()}
