@@ -41,6 +41,8 @@ def test_normaliser_counts_fit_on_train_rows_only():
     assert Z.dtype == np.float32
     np.testing.assert_allclose(Z, (np.log1p(X) - L.mean(0)) / L.std(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(Z[train].mean(0), 0, atol=1e-5)
+    # no rows (a model refitted on all patients has no validation patients): an empty result
+    assert n.transform(X[:0]).shape == (0, 8)
 
 
 @pytest.mark.parametrize(

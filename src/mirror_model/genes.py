@@ -302,7 +302,7 @@ class ExpressionNormalizer:
             )
         _check_finite(X, self.genes_, "expression matrix")
         if self.log1p_:
-            if X.min() < 0:
+            if X.size and X.min() < 0:  # no rows (e.g. no validation patients): nothing to check
                 i, j = np.unravel_index(int(np.argmin(X)), X.shape)
                 g = self.genes_[j] if self.genes_ else f"column {j}"
                 raise ExpressionError(

@@ -48,6 +48,7 @@ Loaders (used by ``mirror-train evaluate`` / ``export``): :func:`load_run`,
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -218,6 +219,11 @@ def _preprocessing_from_dict(doc: dict[str, Any]) -> Any:
     return Preprocessing.from_dict(doc)
 
 
+def _float_or_nan(value: object) -> float:
+    # model.json stores a missing validation loss as null (RUN/final has no validation patients)
+    return math.nan if value is None else float(value)  # type: ignore[arg-type]
+
+
 def load_fold_model(
     run_dir: str | os.PathLike[str], fold: int | str, device: str | torch.device = "cpu"
 ) -> FoldModel:
@@ -260,7 +266,7 @@ def load_fold_model(
         prep_doc,
         dict(info.get("encoder", {})),
         int(info.get("best_epoch", -1)),
-        float(info.get("best_val_loss", float("nan"))),
+        _float_or_nan(info.get("best_val_loss")),
         info,
     )
 
