@@ -2,7 +2,7 @@
 
 One step is exactly what :func:`mirror_model.train.trainer.train_fold` does per batch:
 ``renormalize_prototypes()``; forward under autocast; loss terms read back (``.item()``);
-``zero_grad``; ``backward``; ``Adam.step`` (lr 2e-5). Inputs are random features
+``zero_grad``; ``backward``; the trainer's (fused) ``Adam.step`` (lr 2e-5). Inputs are random features
 ``[B, N, D_p]`` and expression ``[B, G]``; dropout is on (train mode).
 
 Sizes
@@ -80,12 +80,13 @@ class _Step:
         import torch
 
         from mirror_model.models import create_model
+        from mirror_model.train.trainer import make_optimizer
 
         torch.manual_seed(0)
         self.device, self.precision = device, precision
         self.model = create_model("mirror", patch_dim=sz["patch_dim"], n_genes=sz["n_genes"],
                                   embed_dim=sz["embed_dim"], **(overrides or {})).to(device).train()
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-5, weight_decay=0.0)
+        self.opt = make_optimizer(self.model.parameters(), lr=2e-5)
         g = torch.Generator(device="cpu").manual_seed(1)
         self.x = torch.randn(sz["batch"], sz["n_tiles"], sz["patch_dim"], generator=g).to(device)
         self.r = torch.randn(sz["batch"], sz["n_genes"], generator=g).to(device)

@@ -338,3 +338,34 @@ def test_one_more_fold_can_be_added_to_a_run(toy, tmp_path):
         config=_cfg(epochs=1, fold=2),
     )
     assert load_run(run).folds == [0, 2]
+
+
+@pytest.mark.parametrize("optimizer, weight_decay", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trainer_optimizer_is_fused_and_steps_like_the_plain_loop(optimizer, weight_decay, dtype):
+    """make_optimizer's fused kernel gives the parameters of torch's plain (for-loop) Adam/AdamW
+    after 20 steps with the same gradients: float64 to 1e-12, float32 to 1e-6 (relative)."""
+    from mirror_model.train.trainer import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    start = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(20)]
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    plain = [torch.nn.Parameter(t.clone()) for t in start]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=weight_decay)
+    opt = make_optimizer(fused, optimizer=optimizer, **kw)
+    assert opt.defaults["fused"] is True
+    assert isinstance(opt, torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)
+    ref = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(
+        plain, foreach=False, **kw
+    )
+    for step_grads in grads:
+        for params, o in ((fused, opt), (plain, ref)):
+            for p, gr in zip(params, step_grads, strict=True):
+                p.grad = gr.clone()
+            o.step()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for a, b, s in zip(fused, plain, start, strict=True):
+        assert not torch.equal(a, s)
+        assert ((a - b).norm() / b.norm()).item() < tol
