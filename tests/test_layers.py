@@ -14,6 +14,7 @@ from mirror_model.layers import (
     PPEG,
     ChunkAttention,
     NystromAttention,
+    NystromLayer,
     moore_penrose_pinv,
     sinusoidal_positions,
 )
@@ -354,3 +355,132 @@ def test_cls_only_equals_position_zero_of_the_full_output(landmarks, conv_kernel
     )
     for a, b in zip(g_full, g_cls, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["auto", "nystrom", "reference", "short"])
+def test_query_index_equals_the_full_output_at_those_positions(mode):
+    """Outputs only at chosen positions (the retention decoder's masked tiles) equal the full
+    layer's rows there, unbatched and in a padded batch mixing exact and Nyström samples, and
+    give the same gradients when only those rows feed the loss."""
+    torch.manual_seed(6)
+    layer = NystromLayer(8, heads=2, landmarks=6, conv_kernel=5, dropout=0.0, mode=mode).double()
+    limit = layer.attn.exact_max_tokens or 6
+    lengths = torch.tensor([limit + 9, 4, limit, limit + 2])
+    total = int(lengths.max())
+    x = torch.randn(4, total, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    index = torch.stack([torch.randperm(int(n), generator=g)[:3] for n in lengths])
+    for lens in (None, lengths):
+        full = layer(x, lengths=lens).out
+        part = layer(x, lengths=lens, query_index=index).out
+        assert part.shape == (4, 3, 8)
+        expected = full.gather(1, index[:, :, None].expand(-1, -1, 8))
+        assert torch.allclose(part, expected, atol=1e-10)
+        params = [x, *layer.parameters()]
+        g_full = torch.autograd.grad(expected.square().sum(), params)
+        g_part = torch.autograd.grad(part.square().sum(), params)
+        for a, b in zip(g_full, g_part, strict=True):
+            assert torch.allclose(a, b, atol=1e-9)
+    with pytest.raises(ValueError, match="exclusive"):
+        layer(x, cls_only=True, query_index=index)
+
+
+@pytest.mark.parametrize("kernel", [(7, 7), (33, 1), (3, 5)])
+def test_depthwise_conv_backward_equals_the_convolution_backward(kernel):
+    """The faster depthwise backward (flip-kernel convolution for the input, one correlation
+    per sample for the weight) gives F.conv2d's output and gradients: float64 to 1e-12, float32
+    to 1e-6 (relative), and under bf16 autocast no further from the float64 values than F.conv2d's own bf16 backward."""
+    from mirror_model.layers._dwconv import depthwise_conv2d
+
+    torch.manual_seed(7)
+    c = 6
+    pad = (kernel[0] // 2, kernel[1] // 2)
+    x0 = torch.randn(3, 11, 9, c, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last view
+    w0 = torch.randn(c, 1, *kernel, dtype=torch.float64)
+    b0 = torch.randn(c, dtype=torch.float64)
+    go = torch.randn(3, c, 11, 9, dtype=torch.float64)
+
+    def run(fn, dtype, autocast):
+        x, w, b = (t.to(dtype).detach().requires_grad_() for t in (x0, w0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x, w, b)
+        out.backward(go.to(out.dtype))
+        return [t.double() for t in (out, x.grad, w.grad, b.grad)]
+
+    ref = run(lambda x, w, b: F.conv2d(x, w, b, padding=pad, groups=c), torch.float64, False)
+    new = run(lambda x, w, b: depthwise_conv2d(x, w, b, pad), torch.float64, False)
+    for a, r in zip(new, ref, strict=True):
+        assert torch.allclose(a, r, atol=1e-12)
+    new32 = run(lambda x, w, b: depthwise_conv2d(x, w, b, pad), torch.float32, False)
+    for a, r in zip(new32, ref, strict=True):
+        assert ((a - r).norm() / r.norm()).item() < 1e-6
+    old16 = run(lambda x, w, b: F.conv2d(x, w, b, padding=pad, groups=c), torch.float32, True)
+    new16 = run(lambda x, w, b: depthwise_conv2d(x, w, b, pad), torch.float32, True)
+    for a, o, r in zip(new16, old16, ref, strict=True):
+        err_new = ((a - r).norm() / r.norm()).item()
+        err_old = ((o - r).norm() / r.norm()).item()
+        assert err_new < 1e-2 and err_new <= 1.5 * err_old + 1e-3, (err_new, err_old)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def test_ppeg_gradients_equal_the_sum_of_convolutions():
+    """PPEG (one fused kernel, the faster depthwise backward) has the output and gradients of
+    the identity plus its three convolutions: float64 to 1e-12, float32 to 1e-6 (relative),
+    bf16 autocast no further from float64 than the plain convolutions under bf16 (+0.1 %)."""
+    torch.manual_seed(8)
+    ppeg64 = PPEG(6, (7, 5, 3)).double()
+    grid64 = torch.randn(2, 9, 9, 6, dtype=torch.float64).permute(0, 3, 1, 2)
+
+    def run(fused, dtype, autocast):
+        ppeg = PPEG(6, (7, 5, 3)).to(dtype)
+        ppeg.load_state_dict(ppeg64.state_dict())
+        grid = grid64.to(dtype).requires_grad_()
+        params = [grid, *ppeg.parameters()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ppeg(grid) if fused else grid + sum(conv(grid) for conv in ppeg.convs)
+        grads = torch.autograd.grad(out.float().sin().sum(), params)
+        return [out.double(), *(gr.double() for gr in grads)]
+
+    ref = run(False, torch.float64, False)
+    for a, b in zip(run(True, torch.float64, False), ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    for a, b in zip(run(True, torch.float32, False), ref, strict=True):
+        assert _rel(a, b) < 1e-6
+    old16 = run(False, torch.float32, True)
+    for a, o, b in zip(run(True, torch.float32, True), old16, ref, strict=True):
+        assert _rel(a, b) <= 1.5 * _rel(o, b) + 1e-3, (_rel(a, b), _rel(o, b))
+
+
+@pytest.mark.parametrize("mode", ["auto", "nystrom", "reference"])
+def test_query_index_in_float32_and_bf16(mode):
+    """query_index at working precision: float32 rows and gradients within 1e-5 (relative) of
+    float64, bf16 autocast no further from float64 than the full layer's own bf16 rows (+0.5 %)."""
+    torch.manual_seed(9)
+    layer64 = NystromLayer(16, heads=2, landmarks=6, conv_kernel=5, dropout=0.0, mode=mode).double()
+    lengths = torch.tensor([40, 7, 25])
+    x64 = torch.randn(3, 40, 16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    index = torch.stack([torch.randperm(int(n), generator=g)[:5] for n in lengths])
+
+    def run(partial, dtype, autocast):
+        layer = NystromLayer(16, heads=2, landmarks=6, conv_kernel=5, dropout=0.0, mode=mode)
+        layer.load_state_dict(layer64.state_dict())
+        layer = layer.to(dtype)
+        x = x64.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if partial:
+                out = layer(x, lengths=lengths, query_index=index).out
+            else:
+                out = layer(x, lengths=lengths).out.gather(1, index[:, :, None].expand(-1, -1, 16))
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *layer.parameters()])
+        return [out.double(), *(gr.double() for gr in grads)]
+
+    ref = run(False, torch.float64, False)
+    for a, b in zip(run(True, torch.float32, False), ref, strict=True):
+        assert _rel(a, b) < 1e-5
+    old16 = run(False, torch.float32, True)
+    for a, o, b in zip(run(True, torch.float32, True), old16, ref, strict=True):
+        assert _rel(a, b) <= 1.5 * _rel(o, b) + 5e-3, (_rel(a, b), _rel(o, b))

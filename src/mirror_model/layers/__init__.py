@@ -2,7 +2,13 @@
 
 from .input_norm import FeatureStandardizer
 from .mlp import Mlp, MlpStack, xavier_init_linears
-from .nystrom import NystromAttention, NystromLayer, NystromResult, moore_penrose_pinv
+from .nystrom import (
+    NystromAttention,
+    NystromLayer,
+    NystromResult,
+    gather_rows,
+    moore_penrose_pinv,
+)
 from .ppeg import PPEG
 from .transformer import ChunkAttention, ChunkBlock, sinusoidal_positions
 
@@ -16,6 +22,7 @@ __all__ = [
     "NystromAttention",
     "NystromLayer",
     "NystromResult",
+    "gather_rows",
     "moore_penrose_pinv",
     "sinusoidal_positions",
     "xavier_init_linears",

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ __all__ = [
     "NystromLayer",
     "NystromResult",
     "exact_attention_max_tokens",
+    "gather_rows",
     "moore_penrose_pinv",
 ]
 
@@ -120,6 +122,18 @@ def _key_valid(length: int, lengths: Tensor | None, device: torch.device) -> Ten
     if lengths is None:
         return None
     return torch.arange(length, device=device)[None, :] < lengths[:, None]
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, L, D]`` at positions ``index [B, M]`` -> ``[B, M, D]``."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _select(res: NystromResult, query_index: Tensor | None) -> NystromResult:
+    """``res`` with its output rows taken at ``query_index`` (all rows when None)."""
+    if query_index is None:
+        return res
+    return NystromResult(out=gather_rows(res.out, query_index), cls_attention=res.cls_attention)
 
 
 def _minus_plus_diag(a: Tensor, c: float) -> Tensor:
@@ -281,6 +295,7 @@ class NystromAttention(nn.Module):
         lengths: Tensor | None = None,
         cls_key_mask: Tensor | None = None,
         cls_only: bool = False,
+        query_index: Tensor | None = None,
     ) -> NystromResult:
         """Attend ``x [B, L, D]``.
 
@@ -299,22 +314,32 @@ class NystromAttention(nn.Module):
             neither the queries of all tokens, the N×m output attention nor the output projection
             of all tokens (the query landmarks are the projected segment means of ``x``, which is
             the same by linearity).
+        query_index
+            ``[B, M]`` positions (long): compute the output at these positions only (``out`` is
+            ``[B, M, D]``, row j of sample b = position ``query_index[b, j]``), for a last layer
+            of which only some outputs are used (the slide retention decoder's masked tiles).
+            Same values as ``forward(x).out`` gathered at ``query_index`` up to rounding. The
+            exact path computes only these queries, their attention rows and output
+            projections; the Nyström paths compute all positions and select. Not with
+            ``cls_only``.
         """
+        if cls_only and query_index is not None:
+            raise ValueError("cls_only and query_index are exclusive (cls_only = position 0)")
         length = x.shape[1]
         if lengths is not None and bool((lengths >= length).all()):
             lengths = None
         if self.mode == "reference":
-            return self._forward_reference(x, lengths, cls_key_mask, cls_only)
+            return _select(self._forward_reference(x, lengths, cls_key_mask, cls_only), query_index)
         limit = self.exact_max_tokens  # per sample: exact attention where it is cheaper
         if limit:
             short = None if lengths is None else lengths <= limit
             if (length <= limit) if short is None else bool(short.all()):
-                return self._forward_exact(x, lengths, cls_key_mask, cls_only)
+                return self._forward_exact(x, lengths, cls_key_mask, cls_only, query_index)
             if short is not None and bool(short.any()):
-                return self._forward_split(x, lengths, cls_key_mask, cls_only, short)
+                return self._forward_split(x, lengths, cls_key_mask, cls_only, short, query_index)
         if cls_only:
             return self._forward_cls(x, lengths, cls_key_mask)
-        return self._forward_nystrom(x, lengths, cls_key_mask)
+        return _select(self._forward_nystrom(x, lengths, cls_key_mask), query_index)
 
     def _forward_nystrom(
         self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None, cls_pos: int = 0
@@ -409,21 +434,37 @@ class NystromAttention(nn.Module):
         return self.res_conv(v.contiguous(memory_format=torch.channels_last))
 
     def _forward_exact(
-        self, x: Tensor, lengths: Tensor | None, cls_key_mask: Tensor | None, cls_only: bool
+        self,
+        x: Tensor,
+        lengths: Tensor | None,
+        cls_key_mask: Tensor | None,
+        cls_only: bool,
+        query_index: Tensor | None = None,
     ) -> NystromResult:
-        """Exact softmax attention (samples of at most :attr:`exact_max_tokens` valid tokens)."""
+        """Exact softmax attention (samples of at most :attr:`exact_max_tokens` valid tokens),
+        for the queries at ``query_index`` (position 0 if ``cls_only``, else all)."""
         bsz, length, _ = x.shape
         key_valid = _key_valid(length, lengths, x.device)
         key_mask = None if key_valid is None else key_valid[:, None, None, :]
         k, v = self._keys_values(x)
-        n_q = 1 if cls_only else length
-        q = self._queries(x[:, :n_q])
+        if query_index is not None:
+            q = self._queries(gather_rows(x, query_index))
+        else:
+            q = self._queries(x[:, :1] if cls_only else x)
+        n_q = q.shape[2]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=self.scale)
         conv = self._value_conv(v, key_valid, cls_only)
         if conv is not None:
+            if query_index is not None:
+                idx = query_index[:, None, :, None].expand(bsz, self.heads, n_q, self.head_dim)
+                conv = conv.gather(2, idx)
             out = out + conv
         out = self.dropout(self.to_out(out.transpose(1, 2).reshape(bsz, n_q, self.dim)))
-        return NystromResult(out=out, cls_attention=self._cls_attention(q[:, :, :1], k, cls_key_mask))
+        if query_index is None or cls_key_mask is None:
+            q_cls = q[:, :, :1]  # unused without cls_key_mask
+        else:
+            q_cls = self._queries(x[:, :1])
+        return NystromResult(out=out, cls_attention=self._cls_attention(q_cls, k, cls_key_mask))
 
     def _forward_split(
         self,
@@ -432,6 +473,7 @@ class NystromAttention(nn.Module):
         cls_key_mask: Tensor | None,
         cls_only: bool,
         short: Tensor,
+        query_index: Tensor | None = None,
     ) -> NystromResult:
         """A batch mixing short and long samples: each group on its own path, then reassembled."""
         assert lengths is not None  # samples of one length are all short or all long
@@ -443,6 +485,7 @@ class NystromAttention(nn.Module):
                 lengths=lengths[idx],
                 cls_key_mask=None if cls_key_mask is None else cls_key_mask[idx],
                 cls_only=cls_only,
+                query_index=None if query_index is None else query_index[idx],
             )
             parts.append((idx, res))
         first = parts[0][1]
@@ -528,32 +571,27 @@ class NystromAttention(nn.Module):
 
 
 class NystromLayer(nn.Module):
-    """Pre-norm residual Nyström attention layer, no feed-forward (TransMIL ``TransLayer``)."""
+    """Pre-norm residual Nyström attention layer, no feed-forward (TransMIL ``TransLayer``).
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int = 8,
-        landmarks: int = 256,
-        pinv_iterations: int = 6,
-        conv_kernel: int = 33,
-        dropout: float = 0.1,
-        mode: str = "auto",
-    ) -> None:
+    ``dim`` and the keyword arguments are those of :class:`NystromAttention` (``heads``,
+    ``landmarks``, ``pinv_iterations``, ``conv_kernel``, ``mode``); only the default dropout
+    differs (0.1, as TransMIL's layer).
+    """
+
+    def __init__(self, dim: int, *, dropout: float = 0.1, **attention: Any) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim, heads, landmarks, pinv_iterations, conv_kernel, dropout, mode)
+        self.attn = NystromAttention(dim, dropout=dropout, **attention)
 
-    def forward(
-        self,
-        x: Tensor,
-        lengths: Tensor | None = None,
-        cls_key_mask: Tensor | None = None,
-        cls_only: bool = False,
-    ) -> NystromResult:
-        """``x + attn(norm(x))`` (position 0 only, ``[B, 1, D]``, when ``cls_only``); see
-        :meth:`NystromAttention.forward` for the arguments."""
-        res = self.attn(self.norm(x), lengths=lengths, cls_key_mask=cls_key_mask, cls_only=cls_only)
-        return NystromResult(
-            out=x[:, :1] + res.out if cls_only else x + res.out, cls_attention=res.cls_attention
-        )
+    def forward(self, x: Tensor, **options: Any) -> NystromResult:
+        """``x + attn(norm(x))`` at the positions the attention computes: all, position 0 only
+        (``[B, 1, D]``) with ``cls_only=True``, the positions ``query_index [B, M]`` only
+        (``[B, M, D]``) when given. ``options`` (``lengths``, ``cls_key_mask``, ``cls_only``,
+        ``query_index``) are those of :meth:`NystromAttention.forward`."""
+        res = self.attn(self.norm(x), **options)
+        query_index = options.get("query_index")
+        if options.get("cls_only"):
+            base = x[:, :1]
+        else:
+            base = x if query_index is None else gather_rows(x, query_index)
+        return NystromResult(out=base + res.out, cls_attention=res.cls_attention)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._dwconv import depthwise_conv2d
+
 __all__ = ["PPEG", "grid_neighbours"]
 
 
@@ -90,13 +92,12 @@ class PPEG(nn.Module):
         The identity plus the sum of depthwise convolutions equals *one* depthwise convolution
         whose kernel is the zero-padded sum of the kernels plus a centre delta, so a single
         convolution is run (exactly the same function, ~3x less memory traffic). Passing a
-        channels_last grid (a free view of ``[B, S*S, D]`` tokens) is fastest on CPU.
+        channels_last grid (a free view of ``[B, S*S, D]`` tokens) is fastest on CPU. The
+        backward avoids oneDNN's slow depthwise backward (see
+        :func:`~mirror_model.layers._dwconv.depthwise_conv2d`).
         """
         weight, bias = self.fused_kernel()
-        return F.conv2d(
-            grid, weight.to(grid.dtype), bias.to(grid.dtype), padding=weight.shape[-1] // 2,
-            groups=grid.shape[1],
-        )  # fmt: skip
+        return depthwise_conv2d(grid, weight, bias)
 
     def forward_sparse(self, tokens: Tensor, neighbours: Tensor) -> Tensor:
         """Mix ``tokens [B, Nc, D]`` with their lattice neighbours (:func:`grid_neighbours`).

@@ -20,6 +20,7 @@ __all__ = [
     "Bag",
     "SlideEncoderOutput",
     "check_rna",
+    "nystrom_layer_kwargs",
     "prepare_bag",
     "sample_masks",
     "sort_bag_by_position",
@@ -273,3 +274,16 @@ def _float_on_device(
     if not bool(torch.isfinite(x).all()):
         raise error(not_finite)
     return x
+
+
+def nystrom_layer_kwargs(config: Any) -> dict[str, Any]:
+    """Keyword arguments of the slide branch's :class:`~mirror_model.layers.NystromLayer` (encoder
+    and retention decoder alike) from a :class:`~mirror_model.config.ModelConfig`."""
+    return {
+        "heads": config.slide_heads,
+        "landmarks": config.landmarks,
+        "pinv_iterations": config.pinv_iterations,
+        "conv_kernel": config.nystrom_conv_kernel,
+        "dropout": config.slide_dropout,
+        "mode": config.slide_attention,
+    }

@@ -21,9 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..layers import ChunkBlock, NystromLayer, sinusoidal_positions, xavier_init_linears
+from ..layers import (
+    ChunkBlock,
+    NystromLayer,
+    gather_rows,
+    sinusoidal_positions,
+    xavier_init_linears,
+)
 from ..losses import clip_loss, gaussian_kl, retention_loss, symmetric_kl
-from ._common import check_rna, sample_masks, to_input_order
+from ._common import check_rna, nystrom_layer_kwargs, sample_masks, to_input_order
 
 __all__ = [
     "MirrorModel",
@@ -58,11 +64,36 @@ class SlideEncoding:
 
 @dataclass
 class RetentionResult:
-    """Prediction of a retention decoder and the realised mask (True = masked position)."""
+    """Prediction of a retention decoder, its target and the realised mask.
+
+    Attributes
+    ----------
+    pred, target
+        RNA branch: ``[B, D]``. Slide branch: ``[B, M, D]``, the prediction and the encoder's
+        token at the masked tiles only (the decoder computes no other output): row j of
+        sample b is the compact tile position ``positions[b, j]``.
+    mask
+        The realised mask, True = masked (a reconstruction target): ``[B, D]`` (RNA), ``[B, Nc]``
+        over the compact tiles (slide).
+    positions
+        Slide branch: ``[B, M]`` compact tile positions of the rows of ``pred`` / ``target``;
+        M is the batch's largest masked count, and a sample with fewer masked tiles fills its
+        last rows with other positions, which ``row_valid`` marks False.
+    row_valid
+        Slide branch: ``[B, M]`` bool, True for the rows that are reconstruction targets.
+    """
 
     pred: Tensor
     target: Tensor
     mask: Tensor
+    positions: Tensor | None = None
+    row_valid: Tensor | None = None
+
+    def loss(self) -> Tensor:
+        """The retention loss: mean squared error over the reconstruction targets
+        (:func:`~mirror_model.losses.retention_loss`)."""
+        weights = self.mask if self.row_valid is None else self.row_valid
+        return retention_loss(self.pred, self.target, weights)
 
 
 @dataclass
@@ -142,16 +173,7 @@ class SlideRetention(nn.Module):
         self.mask_token = nn.Parameter(torch.empty(1, 1, d))
         nn.init.normal_(self.mask_token, std=0.02)
         self.layers = nn.ModuleList(
-            NystromLayer(
-                d,
-                config.slide_heads,
-                config.landmarks,
-                config.pinv_iterations,
-                config.nystrom_conv_kernel,
-                config.slide_dropout,
-                config.slide_attention,
-            )  # fmt: skip
-            for _ in range(config.slide_decoder_depth)
+            NystromLayer(d, **nystrom_layer_kwargs(config)) for _ in range(config.slide_decoder_depth)
         )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, d)
@@ -168,22 +190,47 @@ class SlideRetention(nn.Module):
     ) -> RetentionResult:
         """Reconstruct ``tokens [B, Nc, D]`` (compact layout, ``lengths`` real per row).
 
-        ``cls [B, D]`` is the encoder's CLS output (never masked). Returns the prediction
-        ``[B, Nc, D]``, the target (the tokens, detached if ``stop_gradient``) and the mask
-        ``[B, Nc]``.
+        ``cls [B, D]`` is the encoder's CLS output (never masked). Returns the mask ``[B, Nc]``
+        and, at the masked tiles only, the prediction and the target (the tokens, detached if
+        ``stop_gradient``): ``[B, M, D]`` with their ``positions`` (see
+        :class:`RetentionResult`).
+
+        Only what the loss reads is computed: the input embedding of the CLS token and the kept
+        tiles (a masked tile's embedding is replaced by the mask token), and in the last layer
+        the queries, attention rows, output projection and head of the masked tiles. The loss
+        equals that of decoding every position and reading the masked ones (tested).
         """
         bsz, n, d = tokens.shape
-        x = self.embed(torch.cat([cls[:, None], tokens], dim=1))
         mask = sample_masks(lengths, n, self.ratio, generator=generator)
-        tiles = torch.where(mask[..., None], self.mask_token.to(x.dtype), x[:, 1:])
-        x = torch.cat([x[:, :1], tiles], dim=1)
+        # stable sorts: kept (resp. masked) tiles first, each in position order
+        kept_first = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+        masked_first = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+        n_masked = mask.sum(dim=1)
+        n_kept = int((n - n_masked).max())
+        m = max(1, int(n_masked.max()))
+
+        kept_pos = kept_first[:, :n_kept]
+        emb = self.embed(torch.cat([cls[:, None], gather_rows(tokens, kept_pos)], dim=1))
+        tiles = self.mask_token.to(emb.dtype).expand(bsz, n, d)
+        tiles = tiles.scatter(1, kept_pos[:, :, None].expand(-1, -1, d), emb[:, 1:])
+        # rows with fewer kept tiles than n_kept scattered some masked tiles' embeddings too
+        tiles = torch.where(mask[..., None], self.mask_token.to(tiles.dtype), tiles)
+        x = torch.cat([emb[:, :1], tiles], dim=1)
         x = x + sinusoidal_positions(n + 1, d, device=x.device, dtype=x.dtype)
+
         seq_lengths = None if uniform else lengths + 1
-        for layer in self.layers:
-            x = layer(x, lengths=seq_lengths).out
-        pred = self.head(self.norm(x))[:, 1:]
-        target = tokens.detach() if stop_gradient else tokens
-        return RetentionResult(pred=pred, target=target, mask=mask)
+        positions = masked_first[:, :m]
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, lengths=seq_lengths, query_index=positions + 1 if i == last else None).out
+        if not self.layers:
+            x = gather_rows(x, positions + 1)
+        pred = self.head(self.norm(x))
+        target = gather_rows(tokens.detach() if stop_gradient else tokens, positions)
+        row_valid = torch.arange(m, device=mask.device)[None, :] < n_masked[:, None]
+        return RetentionResult(
+            pred=pred, target=target, mask=mask, positions=positions, row_valid=row_valid
+        )
 
 
 class RNARetention(nn.Module):
@@ -445,7 +492,7 @@ class MirrorModel(nn.Module):
                 stop_gradient=cfg.retention_stop_gradient,
                 generator=generator,
             )  # fmt: skip
-            losses["ret_slide"] = retention_loss(ret.pred, ret.target, ret.mask)
+            losses["ret_slide"] = ret.loss()
             out.slide_retention_mask = to_input_order(ret.mask, slide.bag, fill=False)
 
         self._rna_retention_term(out, generator)
@@ -530,7 +577,7 @@ class MirrorModel(nn.Module):
             stop_gradient=self.config.retention_stop_gradient,
             generator=generator,
         )
-        out.losses["ret_rna"] = retention_loss(ret.pred, ret.target, ret.mask)
+        out.losses["ret_rna"] = ret.loss()
         out.rna_retention_mask = ret.mask
 
     def _project(self, embedding: Tensor, head: nn.Linear | None) -> Tensor:

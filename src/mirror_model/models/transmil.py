@@ -44,7 +44,14 @@ from ..config import ModelConfig
 from ..errors import FeatureFileError
 from ..layers import PPEG, FeatureStandardizer, NystromLayer, xavier_init_linears
 from ..layers.ppeg import grid_neighbours
-from ._common import Bag, SlideEncoderOutput, prepare_bag, sort_bag_by_position, to_input_order
+from ._common import (
+    Bag,
+    SlideEncoderOutput,
+    nystrom_layer_kwargs,
+    prepare_bag,
+    sort_bag_by_position,
+    to_input_order,
+)
 
 __all__ = ["TransMILEncoder"]
 
@@ -75,18 +82,9 @@ class TransMILEncoder(nn.Module):
         self.fc = nn.Sequential(nn.Linear(config.patch_dim, d), nn.ReLU())
         self.cls_token = nn.Parameter(torch.empty(1, 1, d))
         nn.init.normal_(self.cls_token, std=0.02)
-        layer_kw = dict(
-            dim=d,
-            heads=config.slide_heads,
-            landmarks=config.landmarks,
-            pinv_iterations=config.pinv_iterations,
-            conv_kernel=config.nystrom_conv_kernel,
-            dropout=config.slide_dropout,
-            mode=config.slide_attention,
-        )
-        self.layer1 = NystromLayer(**layer_kw)
+        self.layer1 = NystromLayer(d, **nystrom_layer_kwargs(config))
         self.ppeg = PPEG(d, config.ppeg_kernels) if config.ppeg_layout != "off" else None
-        self.layer2 = NystromLayer(**layer_kw)
+        self.layer2 = NystromLayer(d, **nystrom_layer_kwargs(config))
         self.norm = nn.LayerNorm(d)
         xavier_init_linears(self)  # as the authors' slide branch
 
