@@ -53,6 +53,7 @@ from _harness import (  # noqa: E402
 MODULES = [
     "bench_matmul",
     "bench_expression",
+    "bench_heads",
     "bench_slide_inference",
     "bench_extraction",
     "bench_plugin",

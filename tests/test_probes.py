@@ -117,3 +117,17 @@ def test_reference_standardisation_for_few_shot_probes():
     assert np.mean(aucs) > 0.8
     with pytest.raises(ConfigError, match="X_reference has 3 features"):
         LinearProbe(C=1.0).fit(X[idx], y[idx], X_reference=X[:, :3])
+
+
+@pytest.mark.parametrize("classes", [["IDC", "ILC"], ["a", "b", "c"]])
+def test_wide_input_is_fitted_in_its_row_space_and_gives_the_same_probe(classes):
+    # 300 features, 36 patients: the solver sees the 36-column row-space design, yet the
+    # probe equals scikit-learn fitted on all 300 standardised features
+    X, y = _blobs(12, classes, 300, sep=3.0, seed=5)
+    probe = LinearProbe(C=0.05).fit(X, y)
+    assert probe.coef_.shape[1] == 300
+    Z = (X - X.mean(0)) / X.std(0)
+    ref = LogisticRegression(C=0.05, class_weight="balanced", max_iter=10_000, tol=1e-10).fit(Z, y)
+    np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-3, atol=1e-5)
+    # (the probe solver stops at scikit-learn's default tolerance, the reference at 1e-10)
+    np.testing.assert_allclose(probe.predict_proba(X), ref.predict_proba(Z), atol=5e-4)

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test as ll_logrank_test
 from lifelines.statistics import multivariate_logrank_test
@@ -17,7 +16,7 @@ from mirror_model.evaluation.survival import (
     CoxHead,
     DiscreteHazardHead,
     KMCurve,
-    _nll_torch,
+    _hazard_objective,
     assign_bins,
     c_index,
     choose_risk_cutoff,
@@ -185,9 +184,33 @@ def test_discrete_hazard_nll_two_patient_hand_computation():
     assert discrete_hazard_nll(h, [2, 1], [1, 0], alpha=0.4) == pytest.approx(
         0.6 * (p0 + p1) / 2 + 0.4 * p0 / 2
     )
-    logits = torch.tensor(np.log(h / (1 - h)))
-    got = _nll_torch(logits, torch.tensor([2, 1]), torch.tensor([1.0, 0.0]), 0.0)
-    assert float(got) == pytest.approx((p0 + p1) / 2, rel=1e-9)
+    # the training objective (W = 0, bias = the logits of each bin) gives the same value
+    K = 4
+    for patient, y, ev, ref in ((0, 2, 1, p0), (1, 1, 0, p1)):
+        theta = np.concatenate([np.zeros(K), np.log(h[patient] / (1 - h[patient]))])
+        got, _ = _hazard_objective(theta, np.zeros((1, 1)), np.array([y]), np.array([ev]), K, 0.0, 0.0)
+        assert got == pytest.approx(ref, rel=1e-12)
+
+
+def test_hazard_objective_gradient_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    Z, K = rng.normal(size=(30, 5)), 3
+    y, e = rng.integers(0, K, 30), rng.integers(0, 2, 30)
+    theta = rng.normal(size=K * 5 + K) * 0.5
+    for wd, alpha in ((0.0, 0.0), (0.3, 0.4)):
+        _, grad = _hazard_objective(theta, Z, y, e, K, wd, alpha)
+        eps = 1e-6
+        num = [
+            (_hazard_objective(theta + eps * d, Z, y, e, K, wd, alpha)[0]
+             - _hazard_objective(theta - eps * d, Z, y, e, K, wd, alpha)[0]) / (2 * eps)
+            for d in np.eye(theta.size)
+        ]  # fmt: skip
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
+        # the value is the NLL of the numpy reference plus the penalty
+        W, b = theta[: K * 5].reshape(K, 5), theta[K * 5 :]
+        ref = discrete_hazard_nll(1 / (1 + np.exp(-(Z @ W.T + b))), y, e, alpha)
+        got, _ = _hazard_objective(theta, Z, y, e, K, wd, alpha)
+        assert got == pytest.approx(ref + wd * np.sum(W**2), rel=1e-10)
 
 
 def test_bins_are_quartiles_of_uncensored_training_times_only():
@@ -261,3 +284,95 @@ def test_hazard_head_optimum_beats_perturbations():
         assert (
             objective(head.weight_ + 1e-2 * rng.normal(size=head.weight_.shape), head.bias_) > best
         )
+
+
+def test_cox_head_inner_cv_is_reproduced_by_hand_on_the_training_patients():
+    """The penalty is chosen as documented, from the training patients passed to fit only:
+    an independent scikit-survival computation of the cross-validated partial likelihood
+    (Verweij & van Houwelingen) on the same inner folds picks the same alpha."""
+    from sklearn.model_selection import StratifiedKFold
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
+
+    X, t, e = _cohort(150, 6, 1.0, seed=21)
+    tr = np.arange(110)  # the "test" patients 110..149 are never passed to fit
+    head = CoxHead(l1_ratio=0.5, seed=3).fit(X[tr], t[tr], e[tr])
+    alphas = np.array([a for _, a, _ in head.cv_table_])
+    cvl_head = np.array([v for *_, v in head.cv_table_])
+    Z = (X[tr] - X[tr].mean(0)) / X[tr].std(0)
+    y = np.empty(tr.size, dtype=[("event", bool), ("time", float)])
+    y["event"], y["time"] = e[tr].astype(bool), t[tr]
+    cvl = np.zeros(alphas.size)
+    for itr, _ in StratifiedKFold(5, shuffle=True, random_state=3).split(Z, e[tr]):
+        m = CoxnetSurvivalAnalysis(
+            l1_ratio=0.5, alphas=alphas, normalize=False, fit_baseline_model=False, tol=1e-9
+        ).fit(Z[itr], y[itr])
+        eta = Z @ m.coef_
+        cvl += cox_partial_loglik(t[tr], e[tr], eta) - cox_partial_loglik(t[itr], e[itr], eta[itr])
+    np.testing.assert_allclose(cvl_head, cvl, rtol=1e-3)
+    assert head.penalizer_ == alphas[np.argmax(cvl)]
+    # the grid starts at the null model (glmnet's alpha_max: every coefficient zero)
+    m0 = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=3, normalize=False).fit(Z, y)
+    assert alphas[0] == pytest.approx(m0.alphas_[0], rel=1e-10)
+
+
+def test_ridge_in_the_row_space_solves_the_ridge_problem_on_all_columns():
+    """l1 ratio 0 (ridge) is solved on the row-space rotation of the input (60 patients, 300
+    columns -> 60): the coefficients satisfy the ridge optimality condition on all 300
+    columns, -score(beta)/N + alpha * beta = 0 (Breslow score, no ties here)."""
+    X, t, e = _cohort(60, 300, 1.5, seed=22)
+    alpha = 0.5
+    head = CoxHead(penalizer=alpha, l1_ratio=0.0).fit(X, t, e)
+    assert head.coef_.shape == (300,) and head.l1_ratio_ == 0.0
+    Z = (X - X.mean(0)) / X.std(0)
+    w = np.exp(Z @ head.coef_)
+    score = np.zeros(300)
+    for i in np.flatnonzero(e):
+        at_risk = t >= t[i]
+        score += Z[i] - (w[at_risk] @ Z[at_risk]) / w[at_risk].sum()
+    grad = -score / 60 + alpha * head.coef_
+    # 0 up to the solver's tolerance and its 1e-4 l1 share: under 1 % of either term
+    assert np.linalg.norm(grad) < 0.01 * alpha * np.linalg.norm(head.coef_)
+    assert np.linalg.norm(grad) < 0.01 * np.linalg.norm(score / 60)
+
+
+def test_cox_head_flags_the_near_ridge_end_of_its_l1_grid():
+    """Many small effects of correlated genes (a ridge-like truth): when the smallest l1
+    ratio of the grid wins, l1_edge_ says so (and evaluation notes it); with ridge (0) in
+    the grid there is nothing beyond, so no flag."""
+    from mirror_model.evaluation.evaluate import _edge_notes
+
+    rng = np.random.default_rng(23)
+    n, d = 160, 40
+    F = rng.normal(size=(n, 1))
+    X = 0.7 * F + 0.7 * rng.normal(size=(n, d))
+    T = rng.exponential(np.exp(-0.15 * X.sum(1)))
+    C = rng.exponential(2.0, n)
+    t, e = np.minimum(T, C), (T <= C).astype(int)
+    head = CoxHead(l1_ratios=(0.2, 1.0)).fit(X, t, e)
+    assert head.l1_ratio_ == 0.2 and head.l1_edge_ == "smallest l1 ratio"
+    assert any("smallest l1 ratio of its grid (0.2" in m for m in _edge_notes("survival_cox", head))
+    ridge = CoxHead(l1_ratios=(0.0, 0.2, 1.0)).fit(X, t, e)
+    assert ridge.l1_ratio_ == 0.0 and ridge.l1_edge_ is None
+    assert _edge_notes("survival_cox", ridge) == []
+
+
+def test_cox_head_flags_a_weakest_penalty_that_still_wins_after_two_extensions(monkeypatch):
+    """A cross-validated log-likelihood that keeps rising toward weaker penalties (replaced
+    here by -log(alpha), a known answer): the grid grows by two decades twice, the weakest
+    penalty still wins, cv_edge_ says so and evaluation notes it with the penalty."""
+    from mirror_model.evaluation.evaluate import _edge_notes
+
+    X, t, e = _cohort(80, 3, 1.0, seed=24)
+    monkeypatch.setattr(
+        CoxHead, "_cv_loglik", lambda self, prob, t, e, alphas, splits: -np.log(alphas)
+    )
+    head = CoxHead(l1_ratio=1.0, n_alphas=10).fit(X, t, e)
+    alphas = np.array([a for _, a, _ in head.cv_table_])
+    assert alphas[0] / alphas.min() == pytest.approx(1e6, rel=1e-6)  # 2 + 2 + 2 decades
+    # the final fit on all patients stops where the path saturates (as the library's path
+    # does), so the reported penalty lies in the extension, at or above its weakest end
+    assert alphas.min() <= head.penalizer_ < alphas[9]
+    assert head.cv_edge_ == "weakest penalty" and head.l1_edge_ is None
+    (note,) = _edge_notes("survival_cox", head)
+    assert "weakest penalty of its grid even after extending it" in note
+    assert f"penalty {head.penalizer_:g}" in note

@@ -501,6 +501,7 @@ def _survival_choices(task: str, head: Any) -> dict[str, Any]:
             "n_nonzero": head.n_nonzero_,
             "selection": head.penalizer_selection_,
             "cv_edge": head.cv_edge_,
+            "l1_edge": getattr(head, "l1_edge_", None),
         }
     return {
         "weight_decay": head.weight_decay_,
@@ -510,24 +511,30 @@ def _survival_choices(task: str, head: Any) -> dict[str, Any]:
     }
 
 
-def _edge_note(task: str, head: Any) -> str | None:
-    """Why a grid end won, in words (None when the choice lies inside the grid)."""
+def _edge_notes(task: str, head: Any) -> list[str]:
+    """Why a grid end won, in words (empty when every choice lies inside its grid)."""
+    notes = []
     edge = getattr(head, "cv_edge_", None)
-    if edge is None:
-        return None
     if edge == "null model":
-        return (
+        notes.append(
             f"{task}: inner CV chose the null model (every coefficient zero: this input "
             "predicts survival no better than a constant on the training patients)"
         )
-    what, value = (
-        ("penalty", head.penalizer_) if task == "survival_cox" else
-        ("weight decay", head.weight_decay_)
-    )  # fmt: skip
-    return (
-        f"{task}: inner CV chose the {edge} of its grid even after extending it (the "
-        f"optimum may lie beyond: {what} {value:g})"
-    )
+    elif edge is not None:
+        what, value = (
+            ("penalty", head.penalizer_) if task == "survival_cox" else
+            ("weight decay", head.weight_decay_)
+        )  # fmt: skip
+        notes.append(
+            f"{task}: inner CV chose the {edge} of its grid even after extending it (the "
+            f"optimum may lie beyond: {what} {value:g})"
+        )
+    if getattr(head, "l1_edge_", None) is not None:
+        notes.append(
+            f"{task}: inner CV chose the smallest l1 ratio of its grid ({head.l1_ratio_:g}; "
+            "the optimum may lie nearer ridge: add a smaller l1 ratio or 0 = ridge)"
+        )
+    return notes
 
 
 def _survival_tasks(f: _FoldInput, out: _Collected) -> dict[str, Any]:
@@ -551,8 +558,7 @@ def _survival_tasks(f: _FoldInput, out: _Collected) -> dict[str, Any]:
             out.note(f"fold {f.fold}: no test patient with survival data; {task} is null.")
             out.null(f.inp, [task])
             continue
-        edge = _edge_note(task, fit.head)
-        if edge is not None:
+        for edge in _edge_notes(task, fit.head):
             out.note(f"fold {f.fold}, input '{f.inp}', {edge}.")
         risk_te = fit.head.predict_risk(f.X[te])
         out.add(task, f.inp, {"c_index": c_index(t[te], e[te], risk_te)})

@@ -58,6 +58,36 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return ez / ez.sum(axis=1, keepdims=True)
 
 
+def _probabilities(z: np.ndarray) -> np.ndarray:
+    """Class probabilities from logits [N, 1] (of the second of two classes: sigmoid) or
+    [N, C] (softmax), as scikit-learn's LogisticRegression."""
+    if z.shape[1] == 1:
+        p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        return np.stack([1.0 - p1, p1], axis=1)
+    return _softmax(z)
+
+
+def _row_space(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Z·V [N, R], V [D, R]): ``Z`` in an orthonormal basis V of its row space (thin SVD,
+    R = rank ≤ min(N, D)). The weights of an L2-penalised linear model (logistic, Cox,
+    discrete hazard) fitted on Z lie in this space and ‖V·θ‖ = ‖θ‖, so fitting on Z·V and
+    mapping the weights back with V gives the same model, with at most N columns."""
+    u, s, vt = np.linalg.svd(Z, full_matrices=False)
+    r = max(int(np.sum(s > s[0] * 1e-10)), 1) if s.size and s[0] > 0 else 1
+    return u[:, :r] * s[:r], vt[:r].T
+
+
+class _Logistic:
+    """A fitted logistic regression as plain arrays (scikit-learn's conventions: ``coef_``
+    [1, D] for two classes, else [C, D]; probabilities by sigmoid / softmax)."""
+
+    def __init__(self, classes: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> None:
+        self.classes_, self.coef_, self.intercept_ = classes, coef, intercept
+
+    def predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        return _probabilities(Z @ self.coef_.T + self.intercept_)
+
+
 class LinearProbe:
     """Standardisation + multinomial logistic regression; numpy prediction; JSON round trip.
 
@@ -109,16 +139,25 @@ class LinearProbe:
         self.seed = int(seed)
 
     # -- fitting -------------------------------------------------------------------------
-    def _fit_lr(self, Z: np.ndarray, y: np.ndarray, C: float) -> Any:
+    def _fit_lr(self, Z: np.ndarray, y: np.ndarray, C: float) -> _Logistic:
+        """scikit-learn's L2 logistic regression on ``Z``. A ``Z`` wider than it is tall is
+        fitted in its row space (the same model: L2-penalised weights lie there; with
+        4,000 genes and 75 patients the solver sees 75 columns instead of 4,000)."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
+        design, basis = _row_space(Z) if Z.shape[1] > Z.shape[0] else (Z, None)
         lr = LogisticRegression(C=C, class_weight=self.class_weight, max_iter=self.max_iter)
         with warnings.catch_warnings():
             # tiny or separable training sets hit max_iter without harm to the probe
             warnings.simplefilter("ignore", ConvergenceWarning)
-            lr.fit(Z, y)
-        return lr
+            lr.fit(design, y)
+        coef = np.asarray(lr.coef_, dtype=np.float64)
+        return _Logistic(
+            np.asarray(lr.classes_),
+            coef if basis is None else coef @ basis.T,
+            np.asarray(lr.intercept_, dtype=np.float64),
+        )
 
     def _select_C(
         self, X: np.ndarray, y: np.ndarray, ref_stats: tuple[np.ndarray, np.ndarray] | None
@@ -177,9 +216,7 @@ class LinearProbe:
         self.C_, self.C_selection_ = self._select_C(X, y, ref_stats)
         self.mean_, self.scale_ = ref_stats if ref_stats is not None else _standardize_fit(X)
         lr = self._fit_lr((X - self.mean_) / self.scale_, y, self.C_)
-        self.classes_ = np.asarray(lr.classes_)
-        self.coef_ = np.asarray(lr.coef_, dtype=np.float64)
-        self.intercept_ = np.asarray(lr.intercept_, dtype=np.float64)
+        self.classes_, self.coef_, self.intercept_ = lr.classes_, lr.coef_, lr.intercept_
         return self
 
     # -- prediction (numpy only) ---------------------------------------------------------
@@ -197,10 +234,7 @@ class LinearProbe:
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities [N, C] in the order of ``classes_`` (rows sum to 1)."""
         z = self.decision_function(X)
-        if z.ndim == 1:
-            p1 = 1.0 / (1.0 + np.exp(-z))
-            return np.stack([1.0 - p1, p1], axis=1)
-        return _softmax(z)
+        return _probabilities(z[:, None] if z.ndim == 1 else z)
 
     def predict(self, X: Any) -> np.ndarray:
         """Most probable class label per row."""

@@ -26,10 +26,9 @@ patients only when given ``"cv"``, extend their grid past an end that wins and r
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ import numpy as np
 
 from ..errors import ConfigError, TrainingError
 from .metrics import c_index
-from .probes import _as_2d, _as_fitted_2d, _standardize_fit
+from .probes import _as_2d, _as_fitted_2d, _row_space, _standardize_fit
 
 __all__ = [
     "CoxHead",
@@ -207,18 +206,6 @@ def risk_groups(risk: Sequence[float], cutoff: float) -> np.ndarray:
     return np.where(r > cutoff, "high", "low")
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(n, old))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------
 # inner CV helpers
 # ---------------------------------------------------------------------------------------
@@ -259,47 +246,91 @@ def cox_partial_loglik(time: Any, event: Any, eta: Any) -> np.ndarray:
     return ll[0] if single else ll
 
 
+#: Coordinate-descent tolerance of the final fit on all training patients (scikit-survival's
+#: default); the inner-CV paths use ``CoxHead.tol``.
+_FINAL_TOL = 1e-7
+
+
 def _surv_array(t: np.ndarray, e: np.ndarray) -> np.ndarray:
     y = np.empty(t.size, dtype=[("event", bool), ("time", np.float64)])
     y["event"], y["time"] = e, t
     return y
 
 
+def _null_score(Z: np.ndarray, t: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Score of the partial log-likelihood at β = 0 divided by N: Zᵀ(e − Λ)/N, with Λ the
+    Nelson–Aalen cumulative hazard at each patient's time (Breslow ties). glmnet's largest
+    useful penalty for an l1 ratio r is max|score| / r (every coefficient zero above it)."""
+    uniq, inv = np.unique(t, return_inverse=True)
+    deaths = np.bincount(inv, weights=e.astype(np.float64))
+    at_risk = t.size - np.searchsorted(np.sort(t), uniq, side="left")
+    hazard = np.cumsum(deaths / at_risk)[inv]
+    return Z.T @ (e - hazard) / t.size
+
+
 def _coxnet_path(
-    Z: np.ndarray, t: np.ndarray, e: np.ndarray, l1_ratio: float, alphas: np.ndarray | None,
-    n_alphas: int, alpha_min_ratio: float,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(alphas [A], coefficients [D, A]) of scikit-survival's Coxnet (glmnet's coordinate
-    descent with warm starts along a decreasing penalty path). Penalties where the solver
-    failed (numerical overflow at a weak penalty) get NaN coefficients."""
+    Z: np.ndarray, t: np.ndarray, e: np.ndarray, l1_ratio: float, alphas: np.ndarray, tol: float
+) -> np.ndarray:
+    """Coefficients [D, A] of scikit-survival's Coxnet (glmnet's coordinate descent, warm
+    started along the decreasing ``alphas``). Columns where the path stopped (a saturated
+    fit, or numerical overflow at a weak penalty) are NaN."""
     from sklearn.exceptions import ConvergenceWarning
     from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-    kw: dict[str, Any] = {"alphas": alphas} if alphas is not None else {
-        "n_alphas": n_alphas, "alpha_min_ratio": alpha_min_ratio,
-    }  # fmt: skip
     model = CoxnetSurvivalAnalysis(
-        l1_ratio=l1_ratio, normalize=False, fit_baseline_model=False, max_iter=100_000, **kw
-    )
+        l1_ratio=l1_ratio, alphas=alphas, normalize=False, fit_baseline_model=False,
+        max_iter=100_000, tol=tol,
+    )  # fmt: skip
+    out = np.full((Z.shape[1], len(alphas)), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", "all coefficients are zero")
         try:
             model.fit(Z, _surv_array(t, e))
         except (ArithmeticError, ValueError):
-            if alphas is None or len(alphas) < 2:
-                raise
-            # a weak penalty overflowed: keep the path up to it
-            good = _coxnet_path(Z, t, e, l1_ratio, alphas[: len(alphas) // 2], n_alphas, 0.0)
-            coef = np.full((Z.shape[1], len(alphas)), np.nan)
-            coef[:, : good[1].shape[1]] = good[1]
-            return np.asarray(alphas, np.float64), coef
+            if len(alphas) >= 2:  # a weak penalty overflowed: keep the path up to it
+                half = _coxnet_path(Z, t, e, l1_ratio, alphas[: len(alphas) // 2], tol)
+                out[:, : half.shape[1]] = half
+            return out
     coef = np.asarray(model.coef_, np.float64)
-    got = np.asarray(model.alphas_, np.float64)
-    if alphas is not None and len(got) < len(alphas):  # path stopped early (saturated fit)
-        full = np.full((Z.shape[1], len(alphas)), np.nan)
-        full[:, : len(got)] = coef
-        return np.asarray(alphas, np.float64), full
-    return got, coef
+    out[:, : coef.shape[1]] = coef  # fewer columns: the path stopped early (saturated fit)
+    return out
+
+
+@dataclass
+class _CoxProblem:
+    """One l1 ratio's design: the standardised training inputs, or for ridge (l1 ratio 0)
+    their rotation onto the row space, Z·V = U·S (exact for an L2 penalty: the solution lies in
+    that space and ‖Vθ‖ = ‖θ‖; the columns are orthogonal, so coordinate descent converges in
+    a few sweeps, and a wide input shrinks to at most N columns)."""
+
+    l1_ratio: float
+    design: np.ndarray  # [N, R]
+    basis: np.ndarray | None  # [D, R] (β = basis · θ) or None (β = θ)
+
+    @property
+    def solver_l1(self) -> float:
+        # Coxnet needs l1 > 0; at 1e-4 the l1 term is 1e-4 of the l2 term: ridge in effect
+        return self.l1_ratio if self.l1_ratio > 0 else 1e-4
+
+    def coef(self, theta: np.ndarray) -> np.ndarray:
+        return theta if self.basis is None else self.basis @ theta
+
+    def alpha_grid(self, t: np.ndarray, e: np.ndarray, n_alphas: int, ratio: float) -> np.ndarray:
+        """Decreasing penalties from the null model (lasso/elastic net: glmnet's alpha_max;
+        ridge: 100 × the score norm, where ‖β‖ ≤ 0.01) down to ``ratio`` of it."""
+        score = _null_score(self.design, t, e)
+        top = (
+            float(np.max(np.abs(score))) / self.l1_ratio if self.l1_ratio > 0 else
+            100.0 * float(np.linalg.norm(score))
+        )  # fmt: skip
+        return max(top, 1e-12) * np.geomspace(1.0, ratio, n_alphas)
+
+    @classmethod
+    def make(cls, Z: np.ndarray, l1_ratio: float) -> _CoxProblem:
+        if l1_ratio > 0:
+            return cls(l1_ratio, Z, None)
+        return cls(0.0, *_row_space(Z))
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,28 +341,35 @@ class CoxHead:
 
     The penalty ``alpha`` and the elastic-net mixing ``l1_ratio`` are chosen by inner
     cross-validation on the training patients when given as ``"cv"``: for each l1 ratio a
-    path of penalties from ``alpha_max`` (every coefficient zero: the null model) down to
-    ``alpha_min_ratio · alpha_max`` is fitted on the training patients and on each inner
-    fold's training part, and the pair with the highest cross-validated partial
-    log-likelihood (Verweij & van Houwelingen 1993; glmnet's ``cv.glmnet`` for Cox) wins.
-    When the weakest penalty wins, the path is extended two decades further (twice at most);
-    if it still wins, ``cv_edge_`` says so (and evaluation notes it). No dimension reduction
-    unless ``max_components`` is given.
+    grid of ``n_alphas`` penalties from ``alpha_max`` (every coefficient zero: the null
+    model) down to ``alpha_min_ratio · alpha_max`` is fitted on each inner fold's training
+    part (one warm-started path per fold, all folds on the same grid), and the pair with the
+    highest cross-validated partial log-likelihood (Verweij & van Houwelingen 1993; glmnet's
+    ``cv.glmnet`` for Cox) wins; only the winner is then fitted on all training patients,
+    down to its penalty, at the library's default tolerance. When the weakest penalty wins,
+    the grid is extended two decades further (twice at most); if it still wins, ``cv_edge_``
+    says so, and when the smallest non-zero l1 ratio of the grid wins, ``l1_edge_`` does
+    (evaluation notes both). No dimension reduction unless ``max_components`` is given.
+
+    l1 ratio 0 is ridge, solved exactly in the row space of the input (its SVD: at most N
+    orthogonal columns however many genes, the weights mapped back; Coxnet needs l1 > 0, so
+    the solver runs at l1 ratio 1e-4). Its grid starts at 100 × ‖score at β = 0‖, where
+    ‖β‖ ≤ 0.01: the null model in effect.
 
     The objective (as glmnet's) is −ℓ(β)/N + α·(l1_ratio·‖β‖₁ + (1 − l1_ratio)/2·‖β‖²) with ℓ
     the Breslow partial log-likelihood of standardised inputs.
 
     Parameters
     ----------
-    penalizer : float or "cv"
-        ``alpha``; ``"cv"`` chooses it on the path (or among ``penalizers`` when given).
-    penalizers : explicit alpha grid for ``"cv"`` (default: the path from alpha_max).
-    l1_ratio : float in (0, 1] or "cv"
-        Elastic-net mixing (1 = lasso; small = close to ridge); ``"cv"`` picks it from
-        ``l1_ratios``.
+    penalizer : float > 0 or "cv"
+        ``alpha``; ``"cv"`` chooses it on the grid (or among ``penalizers`` when given).
+    penalizers : explicit alpha grid for ``"cv"`` (default: the grid from alpha_max).
+    l1_ratio : float in [0, 1] or "cv"
+        Elastic-net mixing (1 = lasso, 0 = ridge); ``"cv"`` picks it from ``l1_ratios``.
     l1_ratios : grid for ``l1_ratio="cv"``.
-    n_alphas, alpha_min_ratio : the penalty path (``alpha_min_ratio`` None = 0.01 when
-        there are more features than patients, else 1e-4, as glmnet).
+    n_alphas, alpha_min_ratio : the penalty grid (two decades by default; extended when its
+        weakest end wins).
+    tol : coordinate-descent tolerance of the inner-CV paths (the final fit uses 1e-7).
     max_components : optional PCA to this many components first (None: never).
     inner_folds : inner CV folds (at most one per two deaths).
     seed : inner-CV shuffling seed.
@@ -345,6 +383,7 @@ class CoxHead:
     penalizer_selection_ : ``"inner_cv"``, ``"fixed"`` or why CV was not possible.
     cv_edge_ : None, ``"weakest penalty"`` (the optimum may lie beyond the grid) or
         ``"null model"`` (no input beats the constant risk).
+    l1_edge_ : None or ``"smallest l1 ratio"`` (the near-ridge end of a grid without 0 won).
     cv_table_ : list of (l1_ratio, alpha, cv partial log-likelihood) evaluated.
     n_nonzero_ : number of non-zero coefficients.
     """
@@ -358,29 +397,33 @@ class CoxHead:
         l1_ratio: float | str = "cv",
         l1_ratios: Sequence[float] = DEFAULT_L1_RATIOS,
         n_alphas: int = 40,
-        alpha_min_ratio: float | None = None,
+        alpha_min_ratio: float = 0.01,
+        tol: float = 1e-5,
         max_components: int | None = None,
         inner_folds: int = 5,
         seed: int = 0,
     ) -> None:
-        if not (penalizer == "cv" or (isinstance(penalizer, (int, float)) and penalizer >= 0)):
-            raise ConfigError(f"CoxHead penalizer must be >= 0 or 'cv'; got {penalizer!r}.")
+        if not (penalizer == "cv" or (isinstance(penalizer, (int, float)) and penalizer > 0)):
+            raise ConfigError(f"CoxHead penalizer must be > 0 or 'cv'; got {penalizer!r}.")
         ratios = [float(r) for r in l1_ratios]
         if l1_ratio != "cv":
             ratios = [float(l1_ratio)]
-        if not ratios or any(not 0 < r <= 1 for r in ratios):
+        if not ratios or any(not 0 <= r <= 1 for r in ratios):
             raise ConfigError(
-                f"CoxHead l1_ratio must be in (0, 1] (1 = lasso, small = near ridge) or 'cv'; "
+                f"CoxHead l1_ratio must be in [0, 1] (1 = lasso, 0 = ridge) or 'cv'; "
                 f"got {l1_ratio!r} / {list(l1_ratios)}."
             )
         if int(n_alphas) < 2 or int(inner_folds) < 2:
             raise ConfigError("CoxHead needs n_alphas >= 2 and inner_folds >= 2.")
+        if not 0 < float(alpha_min_ratio) < 1 or not 0 < float(tol) < 1:
+            raise ConfigError("CoxHead needs 0 < alpha_min_ratio < 1 and 0 < tol < 1.")
         self.penalizer = penalizer
         self.penalizers = None if penalizers is None else tuple(float(p) for p in penalizers)
         self.l1_ratio = l1_ratio
         self.l1_ratios = tuple(ratios)
         self.n_alphas = int(n_alphas)
-        self.alpha_min_ratio = alpha_min_ratio
+        self.alpha_min_ratio = float(alpha_min_ratio)
+        self.tol = float(tol)
         self.max_components = max_components
         self.inner_folds = int(inner_folds)
         self.seed = int(seed)
@@ -414,48 +457,45 @@ class CoxHead:
         sd = Z.std(axis=0)
         self.component_scale_ = np.where(sd > 1e-12, sd, 1.0)
         Z = Z / self.component_scale_
-        self.cv_edge_ = None
+        self.cv_edge_ = self.l1_edge_ = None
         self.cv_table_: list[tuple[float, float, float]] = []
-        ratio = self.alpha_min_ratio
-        if ratio is None:
-            ratio = 0.01 if Z.shape[1] >= n else 1e-4
         fixed = self.penalizer != "cv"
         n_folds = _n_inner_folds(self.inner_folds, e)
         if n_folds < 2 and (not fixed or len(self.l1_ratios) > 1):
             # too few deaths to cross-validate: a strong, fixed choice
             self.penalizer_selection_ = "fixed (too few deaths for inner CV)"
-            l1 = max(self.l1_ratios)
-            alphas, coef = _coxnet_path(Z, t, e, l1, None, self.n_alphas, ratio)
-            k = min(len(alphas) - 1, len(alphas) // 4)
-            self.l1_ratio_, self.penalizer_ = l1, float(alphas[k])
-            self.coef_ = np.nan_to_num(coef[:, k])
+            prob = _CoxProblem.make(Z, max(self.l1_ratios))
+            alphas = prob.alpha_grid(t, e, self.n_alphas, self.alpha_min_ratio)
+            self._final_fit(prob, t, e, alphas, min(len(alphas) - 1, len(alphas) // 4))
         else:
-            self._fit_cv(Z, t, e, n_folds, ratio, fixed)
+            self._fit_cv(Z, t, e, n_folds if not (fixed and len(self.l1_ratios) == 1) else 0)
         self.n_nonzero_ = int(np.sum(self.coef_ != 0))
         return self
 
-    def _fit_cv(
-        self, Z: np.ndarray, t: np.ndarray, e: np.ndarray, n_folds: int, ratio: float, fixed: bool
-    ) -> None:
-        splits = _inner_splits(e, max(n_folds, 2), self.seed) if n_folds >= 2 else []
-        best: tuple[float, float, float, np.ndarray] | None = None  # (cvl, l1, alpha, coef)
-        edges: dict[float, str | None] = {}
+    def _fit_cv(self, Z: np.ndarray, t: np.ndarray, e: np.ndarray, n_folds: int) -> None:
+        """Choose (l1 ratio, alpha) by the cross-validated partial log-likelihood of inner
+        folds of the training patients; then fit the winner on all of them. Each l1 ratio's
+        inner folds share one penalty grid and each fold is one warm-started path; the path on
+        all training patients is fitted once, for the winner, down to its penalty."""
+        fixed = self.penalizer != "cv"
+        splits = _inner_splits(e, n_folds, self.seed) if n_folds >= 2 else []
+        best: tuple[float, _CoxProblem, np.ndarray, int] | None = None  # (cvl, problem, alphas, k)
         for l1 in self.l1_ratios:
+            prob = _CoxProblem.make(Z, l1)
             if fixed:
-                alphas: np.ndarray | None = np.array([float(self.penalizer)])
+                alphas = np.array([float(self.penalizer)])
             elif self.penalizers is not None:
                 alphas = np.array(sorted(self.penalizers, reverse=True), np.float64)
             else:
-                alphas = None
+                alphas = prob.alpha_grid(t, e, self.n_alphas, self.alpha_min_ratio)
             for _extension in range(3):
-                alphas, coef = _coxnet_path(Z, t, e, l1, alphas, self.n_alphas, ratio)
-                cvl = self._cv_loglik(Z, t, e, l1, alphas, splits) if splits else np.zeros(1)
-                for a, v in zip(alphas, cvl, strict=True):
-                    self.cv_table_.append((float(l1), float(a), float(v)))
-                ok = np.isfinite(cvl) & np.all(np.isfinite(coef), axis=0)
-                if not ok.any():
+                cvl = self._cv_loglik(prob, t, e, alphas, splits) if splits else np.zeros(1)
+                self.cv_table_ += [
+                    (float(l1), float(a), float(v)) for a, v in zip(alphas, cvl, strict=True)
+                ]
+                if not np.isfinite(cvl).any():
                     break
-                k = int(np.argmax(np.where(ok, cvl, -np.inf)))
+                k = int(np.argmax(np.where(np.isfinite(cvl), cvl, -np.inf)))
                 at_weak = not fixed and k == len(alphas) - 1
                 if at_weak and _extension < 2:
                     # the optimum may lie beyond the grid: two more decades of weaker penalties
@@ -463,40 +503,62 @@ class CoxHead:
                     more = alphas[-1] * step ** np.arange(1, int(round(2 / -np.log10(step))) + 1)
                     alphas = np.concatenate([alphas, more])
                     continue
-                edges[l1] = (
-                    "weakest penalty" if at_weak else
-                    "null model" if (not fixed and k == 0 and not np.any(coef[:, 0])) else None
-                )  # fmt: skip
                 if best is None or cvl[k] > best[0]:
-                    best = (float(cvl[k]), float(l1), float(alphas[k]), coef[:, k].copy())
+                    best = (float(cvl[k]), prob, alphas, k)
                 break
         if best is None:
             raise TrainingError(
                 "the Cox model could not be fitted for any penalty (numerical overflow); check "
                 "the input for constant or duplicated columns."
             )
-        _, self.l1_ratio_, self.penalizer_, self.coef_ = best
-        self.cv_edge_ = edges.get(self.l1_ratio_)
+        _, prob, alphas, k = best
         self.penalizer_selection_ = "inner_cv" if splits else "fixed"
+        if k == 0 and not fixed and self.penalizers is None:
+            # a path starts at the null model (ridge: within ‖β‖ ≤ 0.01 of it)
+            self.l1_ratio_, self.penalizer_ = prob.l1_ratio, float(alphas[0])
+            self.coef_ = np.zeros(Z.shape[1])
+        else:
+            self._final_fit(prob, t, e, alphas, k)
+        if not fixed and len(alphas) > 1 and k == len(alphas) - 1:
+            self.cv_edge_ = "weakest penalty"
+        elif not fixed and k == 0 and not np.any(self.coef_):
+            self.cv_edge_ = "null model"
+        if self.cv_edge_ != "null model" and len(self.l1_ratios) > 1 and splits:
+            if prob.l1_ratio == min(self.l1_ratios) > 0:
+                # the sparsity end toward ridge won: a smaller l1 ratio (or ridge) may fit better
+                self.l1_edge_ = "smallest l1 ratio"
 
-    @staticmethod
+    def _final_fit(
+        self, prob: _CoxProblem, t: np.ndarray, e: np.ndarray, alphas: np.ndarray, k: int
+    ) -> None:
+        """Coefficients at ``alphas[k]`` on all training patients (the path down to it, at
+        the final tolerance); steps back to the weakest penalty that did not overflow."""
+        theta = _coxnet_path(prob.design, t, e, prob.solver_l1, alphas[: k + 1], _FINAL_TOL)
+        ok = np.flatnonzero(np.all(np.isfinite(theta), axis=0))
+        if ok.size == 0:
+            raise TrainingError(
+                "the Cox model could not be fitted for any penalty (numerical overflow); check "
+                "the input for constant or duplicated columns."
+            )
+        k = int(ok[-1])
+        self.l1_ratio_, self.penalizer_ = prob.l1_ratio, float(alphas[k])
+        self.coef_ = prob.coef(theta[:, k])
+
     def _cv_loglik(
-        Z: np.ndarray, t: np.ndarray, e: np.ndarray, l1: float, alphas: np.ndarray,
+        self, prob: _CoxProblem, t: np.ndarray, e: np.ndarray, alphas: np.ndarray,
         splits: list[tuple[np.ndarray, np.ndarray]],
     ) -> np.ndarray:  # fmt: skip
         """Cross-validated partial log-likelihood of each alpha: Σ_k ℓ(β_−k) − ℓ_−k(β_−k)."""
+        Z = prob.design
         total = np.zeros(len(alphas))
         for tr, _va in splits:
             if e[tr].sum() < 1:
                 continue
-            try:
-                _, coef = _coxnet_path(Z[tr], t[tr], e[tr], l1, alphas, 0, 0.0)
-            except (ArithmeticError, ValueError):
-                return np.full(len(alphas), -np.inf)
-            bad = ~np.all(np.isfinite(coef), axis=0)
-            coef = np.nan_to_num(coef)
-            full = cox_partial_loglik(t, e, Z @ coef)
-            part = cox_partial_loglik(t[tr], e[tr], Z[tr] @ coef)
+            theta = _coxnet_path(Z[tr], t[tr], e[tr], prob.solver_l1, alphas, self.tol)
+            bad = ~np.all(np.isfinite(theta), axis=0)
+            eta = Z @ np.nan_to_num(theta)
+            full = cox_partial_loglik(t, e, eta)
+            part = cox_partial_loglik(t[tr], e[tr], eta[tr])
             total += np.where(bad, -np.inf, full - part)
         return total
 
@@ -525,6 +587,7 @@ class CoxHead:
             "l1_ratio": self.l1_ratio_,
             "selection": self.penalizer_selection_,
             "cv_edge": self.cv_edge_,
+            "l1_edge": self.l1_edge_,
             "solver": "scikit-survival CoxnetSurvivalAnalysis",
         }
 
@@ -536,11 +599,12 @@ class CoxHead:
             if d.get("type", "CoxHead") != "CoxHead":
                 raise ConfigError(f"expected a CoxHead dict, got type {d.get('type')!r}.")
             l1 = float(d.get("l1_ratio", 0.0))
-            head = cls(penalizer=float(d["penalizer"]), l1_ratio="cv")
+            head = cls()  # fitted attributes below; the constructor's grid is unused
             head.penalizer_ = float(d["penalizer"])
             head.l1_ratio_ = l1
             head.penalizer_selection_ = str(d.get("selection", "fixed"))
             head.cv_edge_ = d.get("cv_edge")
+            head.l1_edge_ = d.get("l1_edge")
             head.mean_ = np.asarray(d["mean"], dtype=np.float64)
             head.scale_ = np.asarray(d["scale"], dtype=np.float64)
             comps = d.get("components")
@@ -616,29 +680,72 @@ def discrete_hazard_nll(
     return float((1 - alpha) * np.mean(unc + cen) + alpha * np.mean(unc))
 
 
-def _nll_torch(logits: Any, y: Any, e: Any, alpha: float) -> Any:
-    """Same as :func:`discrete_hazard_nll` from logits, computed stably in log space."""
-    import torch
-    import torch.nn.functional as F
+def _hazard_objective(
+    theta: np.ndarray, Z: np.ndarray, y: np.ndarray, e: np.ndarray, K: int, wd: float,
+    alpha: float,
+) -> tuple[float, np.ndarray]:  # fmt: skip
+    """Penalised discrete-time NLL (:func:`discrete_hazard_nll` + wd·‖W‖²) and its gradient;
+    ``theta`` = [W (K·D, row-major), b (K)].
 
-    log_h = F.logsigmoid(logits)
-    log_1mh = F.logsigmoid(-logits)
-    log_S = torch.cumsum(log_1mh, dim=1)
-    log_S_pad = torch.cat([torch.zeros_like(log_S[:, :1]), log_S], dim=1)
-    rows = torch.arange(logits.shape[0])
-    unc = -e * (log_S_pad[rows, y] + log_h[rows, y])
-    cen = -(1 - e) * log_S_pad[rows, y + 1]
-    return (1 - alpha) * (unc + cen).mean() + alpha * unc.mean()
+    The NLL is a sum of binary cross-entropies: a patient in bin y contributes a "survived"
+    term (target 0) for every bin s < y and, in bin y, target 1 if the death was observed
+    and 0 if censored; the uncensored weight α adds α·e_i to each patient's weight."""
+    N, D = Z.shape
+    W, b = theta[: K * D].reshape(K, D), theta[K * D :]
+    z = Z @ W.T + b
+    bins = np.arange(K)
+    mask = bins[None, :] <= y[:, None]
+    target = (bins[None, :] == y[:, None]) & e[:, None].astype(bool)
+    weight = ((1.0 - alpha) + alpha * e.astype(np.float64))[:, None] * mask / N
+    loss = float(np.sum(weight * (np.logaddexp(0.0, z) - target * z))) + wd * float(np.sum(W * W))
+    g = weight * (_sigmoid(z) - target)
+    grad = np.concatenate([(g.T @ Z + 2.0 * wd * W).ravel(), g.sum(axis=0)])
+    return loss, grad
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _marginal_logits(y: np.ndarray, e: np.ndarray, K: int) -> np.ndarray:
+    """Per-bin logits of the cohort's (smoothed) marginal hazards: the optimum for W = 0."""
+    out = np.zeros(K)
+    for k in range(K):
+        h = (np.sum((y == k) & e) + 0.5) / (np.sum(y >= k) + 1.0)
+        out[k] = math.log(h / (1 - h))
+    return out
+
+
+def _fit_hazard(
+    Z: np.ndarray, y: np.ndarray, e: np.ndarray, K: int, wd: float, alpha: float,
+    max_iter: int, theta0: np.ndarray | None = None, tight: bool = True,
+) -> Any:  # fmt: skip
+    """Minimise :func:`_hazard_objective` by L-BFGS from ``theta0`` (default: W = 0 and the
+    marginal hazards). Returns scipy's OptimizeResult."""
+    from scipy.optimize import minimize
+
+    if theta0 is None:
+        theta0 = np.concatenate([np.zeros(K * Z.shape[1]), _marginal_logits(y, e, K)])
+    tol = {"gtol": 1e-7, "ftol": 1e-12} if tight else {"gtol": 1e-5, "ftol": 1e-10}
+    with np.errstate(over="ignore"):
+        return minimize(
+            _hazard_objective, theta0, args=(Z, y, e, K, wd, alpha), jac=True,
+            method="L-BFGS-B", options={"maxiter": max_iter, **tol},
+        )  # fmt: skip
+
+
+
 
 
 class DiscreteHazardHead:
-    """The paper's discrete-time hazard head: torch training, numpy prediction.
+    """The paper's discrete-time hazard head: numpy training and prediction.
 
     The head is linear in the standardised embedding, so with the L2 penalty the objective
     (NLL + wd·‖W‖²) is strictly convex: it is minimised to convergence by full-batch L-BFGS
-    (scipy, gradients by torch autograd, float64). The result does not depend on an epoch count or learning rate, every
-    training patient is used in every step (nothing dropped), and nothing is early-stopped
-    on held-out data.
+    (scipy, analytic gradient, float64). The result does not depend on an epoch count or
+    learning rate, every training patient is used in every step (nothing dropped), and
+    nothing is early-stopped on held-out data. An input wider than the number of patients is
+    fitted in its row space (the same model: the L2-penalised weights lie there).
 
     Parameters
     ----------
@@ -686,11 +793,6 @@ class DiscreteHazardHead:
         self.inner_folds = int(inner_folds)
         self.seed = int(seed)
 
-    def _sub(self, wd: float) -> DiscreteHazardHead:
-        return DiscreteHazardHead(
-            self.n_bins, wd, max_iter=self.max_iter, alpha=self.alpha, seed=self.seed
-        )
-
     def fit(self, X: Any, time: Any, event: Any) -> DiscreteHazardHead:
         """Fit on training embeddings [N, D], times [N] and events [N]; returns self.
 
@@ -700,10 +802,15 @@ class DiscreteHazardHead:
         self.bin_edges_ = survival_bin_edges(t, e, self.n_bins)
         self.n_bins_ = int(self.bin_edges_.size + 1)
         self.cv_edge_ = None
+        self.mean_, self.scale_ = _standardize_fit(X)
+        Z = (X - self.mean_) / self.scale_
+        # wide input: fit in the row space (exact under the L2 penalty; at most N columns)
+        basis = _row_space(Z)[1] if Z.shape[1] > Z.shape[0] else None
+        R = Z if basis is None else Z @ basis
         if self.weight_decay == "cv":
             n_folds = _n_inner_folds(self.inner_folds, e)
             if n_folds >= 2:
-                self.weight_decay_ = self._choose_weight_decay(X, t, e, n_folds)
+                self.weight_decay_ = self._choose_weight_decay(R, t, e, n_folds)
                 self.weight_decay_selection_ = "inner_cv"
             else:
                 self.weight_decay_ = self.weight_decays[0]
@@ -711,28 +818,53 @@ class DiscreteHazardHead:
         else:
             self.weight_decay_ = float(self.weight_decay)
             self.weight_decay_selection_ = "fixed"
-        self.mean_, self.scale_ = _standardize_fit(X)
-        with _torch_threads(1):  # tiny problem: extra threads only add contention
-            self._optimize((X - self.mean_) / self.scale_, assign_bins(t, self.bin_edges_), e)
+        K = self.n_bins_
+        res = _fit_hazard(
+            R, assign_bins(t, self.bin_edges_), e, K, self.weight_decay_, self.alpha, self.max_iter
+        )
+        if not np.isfinite(res.fun) or not np.all(np.isfinite(res.x)):
+            raise TrainingError(
+                "the discrete-time hazard head did not converge (non-finite loss); use a larger "
+                "weight_decay."
+            )
+        W = res.x[: K * R.shape[1]].reshape(K, R.shape[1])
+        self.weight_ = W if basis is None else W @ basis.T
+        self.bias_ = res.x[K * R.shape[1] :].copy()
+        self.train_loss_ = float(res.fun)
+        self.converged_ = bool(res.success)
         return self
 
-    def _choose_weight_decay(self, X: np.ndarray, t: np.ndarray, e: np.ndarray, k: int) -> float:
-        """Weight decay with the lowest mean held-out NLL over inner folds (extending the
-        grid past an end that wins, by up to two decades)."""
-        splits = _inner_splits(e, k, self.seed)
+    def _choose_weight_decay(self, Z: np.ndarray, t: np.ndarray, e: np.ndarray, k: int) -> float:
+        """Weight decay with the lowest mean held-out NLL over inner folds of the (already
+        standardised) training inputs ``Z`` (extending the grid past an end that wins, by up
+        to two decades). Each inner fold places its own bins on its own training part and
+        warm-starts every penalty from the nearest one already fitted."""
+        folds = []
+        for tr, va in _inner_splits(e, k, self.seed):
+            try:
+                edges = survival_bin_edges(t[tr], e[tr], self.n_bins)
+            except ConfigError:
+                continue  # fewer than two deaths in this inner training part
+            K = edges.size + 1
+            y_va = np.minimum(assign_bins(t[va], edges), K - 1)
+            folds.append((tr, va, K, assign_bins(t[tr], edges), y_va, {}))
         scores: dict[float, float] = {}
 
         def score(wd: float) -> float:
             if wd not in scores:
                 vals = []
-                for tr, va in splits:
-                    try:
-                        sub = self._sub(wd).fit(X[tr], t[tr], e[tr])
-                    except (ConfigError, TrainingError):
+                for tr, va, K, y_tr, y_va, fitted in folds:
+                    near = min(fitted, key=lambda w: abs(math.log(w / wd)), default=None)
+                    res = _fit_hazard(
+                        Z[tr], y_tr, e[tr], K, wd, self.alpha, self.max_iter,
+                        theta0=None if near is None else fitted[near], tight=False,
+                    )  # fmt: skip
+                    if not np.isfinite(res.fun) or not np.all(np.isfinite(res.x)):
                         continue
-                    h = sub.predict_hazards(X[va])
-                    y = np.minimum(assign_bins(t[va], sub.bin_edges_), sub.n_bins_ - 1)
-                    vals.append(discrete_hazard_nll(h, y, e[va], self.alpha))
+                    fitted[wd] = res.x
+                    W, b = res.x[: K * Z.shape[1]].reshape(K, -1), res.x[K * Z.shape[1] :]
+                    h = _sigmoid(Z[va] @ W.T + b)
+                    vals.append(discrete_hazard_nll(h, y_va, e[va], self.alpha))
                 scores[wd] = float(np.mean(vals)) if vals else np.inf
             return scores[wd]
 
@@ -752,49 +884,6 @@ class DiscreteHazardHead:
             self.cv_edge_ = "strongest penalty" if j == 0 else "weakest penalty"
         self.cv_scores_ = sorted(scores.items(), reverse=True)
         return float(grid[j])
-
-    def _optimize(self, Z_np: np.ndarray, y_np: np.ndarray, e_np: np.ndarray) -> None:
-        import torch
-        from scipy.optimize import minimize
-
-        Z = torch.as_tensor(Z_np, dtype=torch.float64)
-        y = torch.as_tensor(y_np, dtype=torch.long)
-        ev = torch.as_tensor(e_np, dtype=torch.float64)
-        K, D = self.n_bins_, Z.shape[1]
-        wd = self.weight_decay_
-
-        def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            # value and gradient by torch autograd; parameters flattened as [W (K*D), b (K)]
-            p = torch.as_tensor(theta, dtype=torch.float64).requires_grad_(True)
-            W, b = p[: K * D].view(K, D), p[K * D :]
-            loss = _nll_torch(Z @ W.T + b, y, ev, self.alpha) + wd * (W**2).sum()
-            (grad,) = torch.autograd.grad(loss, p)
-            return float(loss.detach()), grad.numpy()
-
-        # start at W = 0 with the training cohort's marginal hazards (the optimum for W = 0)
-        theta0 = np.concatenate([np.zeros(K * D), self._marginal_logits(y_np, e_np)])
-        res = minimize(
-            objective, theta0, jac=True, method="L-BFGS-B",
-            options={"maxiter": self.max_iter, "gtol": 1e-7, "ftol": 1e-12},
-        )  # fmt: skip
-        if not np.isfinite(res.fun) or not np.all(np.isfinite(res.x)):
-            raise TrainingError(
-                "the discrete-time hazard head did not converge (non-finite loss); use a larger "
-                "weight_decay."
-            )
-        self.weight_ = res.x[: K * D].reshape(K, D).copy()
-        self.bias_ = res.x[K * D :].copy()
-        self.train_loss_ = float(res.fun)
-        self.converged_ = bool(res.success)
-
-    def _marginal_logits(self, y: np.ndarray, e: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.n_bins_)
-        for k in range(self.n_bins_):
-            at_risk = np.sum(y >= k)
-            deaths = np.sum((y == k) & e)
-            h = (deaths + 0.5) / (at_risk + 1.0)
-            out[k] = math.log(h / (1 - h))
-        return out
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "weight_"):
