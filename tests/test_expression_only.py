@@ -54,6 +54,10 @@ def test_pretrain_without_features_trains_the_rna_side(rna_run):
     said = " ".join(log)
     assert "expression-only run" in said and "need slides and are off" in said
     assert "plan: 3 fold(s) x 2 epoch(s)" in said and "s per step on cpu" in said
+    # the step-based figure says what it leaves out; the first epoch gives the whole run
+    assert "training steps and validation alone about" in said
+    assert "first epoch took" in said and "the whole run about" in said
+    assert res.extra["estimate_h"] > 0
     rows = [json.loads(x) for x in (root / "run" / "fold_0" / "log.jsonl").read_text().splitlines()]
     assert {"train_ret_rna", "train_style", "val_loss"} <= set(rows[-1])
     assert "train_align" not in rows[-1]
@@ -171,6 +175,10 @@ def test_cpu_estimate_warns_with_remedies(rna_run, tmp_path, monkeypatch):
     assert hours == pytest.approx(5 * 100 * (17 + 0.5 * 3) * 0.7 / 3600)
     assert "5 fold(s) x 100 epoch(s) x 17 step(s) = 8500 training steps" in text
     assert "about 1.8 h" in text
+    # the whole run: reading/checking 30 s + 5 x 100 epochs of 2 s + 4 more fold set-ups of 10 s
+    text, hours = trainer_mod._whole_run_text(5, 100, 2.0, 10.0, 30.0)
+    assert hours == pytest.approx((30 + 5 * 100 * 2 + 4 * 10) / 3600)
+    assert text.endswith("the whole run about 18 min")
     # any real run past the threshold says which options shrink it
     _, toy, cohort, _, _ = rna_run
     monkeypatch.setattr(trainer_mod, "CPU_WARN_HOURS", 0.0)

@@ -454,6 +454,9 @@ class FoldTrainer:
         #: first pays one-off set-up costs): the basis of pretrain's time estimate
         self.on_step_time: Callable[[float], None] | None = None
         self._timed_steps = 0
+        #: called once with the seconds of this trainer's first whole epoch (training steps,
+        #: validation, checkpoint; not a resumed partial epoch): the whole-run estimate
+        self.on_epoch_time: Callable[[float], None] | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def _check_sizes(self) -> None:
@@ -686,6 +689,7 @@ class FoldTrainer:
         try:
             while state.epoch < tcfg.last_epoch:
                 epoch = state.epoch
+                t_epoch = time.perf_counter() if state.step_in_epoch == 0 else None
                 for step, batch in self.train_loader.iterate(epoch, state.step_in_epoch):
                     if tcfg.max_steps is not None and state.global_step >= tcfg.max_steps:
                         self.save_checkpoint()
@@ -713,6 +717,9 @@ class FoldTrainer:
                     ):
                         self.save_checkpoint()
                 val = self.end_of_epoch(epoch)
+                if self.on_epoch_time is not None and t_epoch is not None:
+                    self.on_epoch_time(time.perf_counter() - t_epoch)
+                    self.on_epoch_time = None
                 if bar is not None:
                     shown = f" val {val['loss']:.3f}" if val else ""
                     bar.set_description(f"fold {k} epoch {epoch + 1}/{tcfg.last_epoch}{shown}")
@@ -941,10 +948,68 @@ def _plan_text(folds: int, epochs: int, steps: int, val_steps: int, step_s: floa
     hours = folds * epochs * (steps + 0.5 * val_steps) * step_s / 3600.0
     threads = torch.get_num_threads() if device.type == "cpu" else None
     where = f"{device.type}" + (f", {threads} threads" if threads else "")
-    return line + f"; measured {step_s:.2f} s per step on {where} -> about {_hours(hours)}", hours
+    return (
+        line + f"; measured {step_s:.2f} s per step on {where} -> training steps and validation "
+        f"alone about {_hours(hours)} (the whole run, with data preparation and checkpoints, is "
+        "estimated after the first epoch)",
+        hours,
+    )
+
+
+def _whole_run_text(
+    n_folds: int, epochs: int, epoch_s: float, fold_setup_s: float, before_s: float
+) -> tuple[str, float]:
+    """The estimate from a measured first epoch (steps, validation, checkpoint), the measured
+    preparation of a fold (genes, features, model) and the time spent before training."""
+    total_s = before_s + n_folds * epochs * epoch_s + max(n_folds - 1, 0) * fold_setup_s
+    hours = total_s / 3600.0
+    return (
+        f"first epoch took {epoch_s:.1f} s in all (training steps, validation, checkpoint), "
+        f"preparing a fold {fold_setup_s:.1f} s, reading and checking the inputs {before_s:.1f} s "
+        f"-> the whole run about {_hours(hours)}",
+        hours,
+    )
+
+
+@dataclass
+class _RunEstimate:
+    """pretrain's time estimates: from the second training step (steps and validation only),
+    then from the first whole epoch (the whole run); the CPU warning is given once."""
+
+    say: Callable[[str], None]
+    extra: dict[str, Any]
+    tcfg: TrainConfig
+    device: torch.device
+    n_folds: int
+    steps: int
+    val_steps: int
+    setup_s: float
+    before_s: float
+    warned: bool = False
+
+    def on_step_time(self, step_s: float) -> None:
+        text, hours = _plan_text(
+            self.n_folds, self.tcfg.epochs, self.steps, self.val_steps, step_s, self.device
+        )
+        self._report(text, hours)
+
+    def on_epoch_time(self, epoch_s: float) -> None:
+        self._report(
+            *_whole_run_text(self.n_folds, self.tcfg.epochs, epoch_s, self.setup_s, self.before_s)
+        )
+
+    def _report(self, text: str, hours: float | None) -> None:
+        self.extra["estimate_h"] = hours
+        self.say(text)
+        if hours is not None and self.device.type == "cpu" and hours > CPU_WARN_HOURS:
+            if not self.warned:
+                self.warned = True
+                self.say("warning: " + _cpu_remedies(self.tcfg))
 
 
 def _hours(h: float) -> str:
+    if h < 1 / 60:
+        return f"{h * 3600:.0f} s"
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
 
 
@@ -1074,6 +1139,8 @@ def _pretrain(
     from .. import __version__
     from .run import CONFIG_FILE, SPLITS_FILE, fold_dirname
 
+    t_begin = time.perf_counter()
+
     def say(msg: str) -> None:
         notes.append(msg)
         if log is not None and ctx.is_main:
@@ -1170,7 +1237,9 @@ def _pretrain(
         _feature_store(features_dir, list(dict.fromkeys(needed)), tcfg).check_consistent(
             list(dict.fromkeys(needed))
         )
+    t_prep = time.perf_counter()
     first_data = prepare_fold(coh, expr, features_dir, to_train[0], tcfg) if to_train else None
+    prep_s = time.perf_counter() - t_prep
     if first_data is not None:
         sel_notes = list((first_data.preprocessing.get("selector") or {}).get("notes") or [])
         for n in sel_notes:
@@ -1239,6 +1308,7 @@ def _pretrain(
                 )
             )
             continue
+        t_fold = time.perf_counter()
         if first_data is not None and first_data.fold == fold.fold:
             data, first_data = first_data, None
         else:
@@ -1262,17 +1332,15 @@ def _pretrain(
                 ]
             )
 
-            def on_step_time(
-                step_s: float, plan: tuple[int, int, int] = (n_left, steps, val_steps)
-            ) -> None:
-                text, hours = _plan_text(plan[0], tcfg.epochs, plan[1], plan[2], step_s, device)
-                extra["estimate_h"] = hours
-                say(text)
-                if hours is not None and device.type == "cpu" and hours > CPU_WARN_HOURS:
-                    say("warning: " + _cpu_remedies(tcfg))
-
+            # a fold's preparation: its genes and features (prepared during the checks for
+            # the first fold) plus building its trainer (model, optimiser, loaders)
+            est = _RunEstimate(
+                say, extra, tcfg, device, n_left, steps, val_steps,
+                setup_s=prep_s + time.perf_counter() - t_fold, before_s=t_fold - t_begin,
+            )  # fmt: skip
             say(_plan_text(n_left, tcfg.epochs, steps, val_steps, None, device)[0])
-            trainer.on_step_time = on_step_time
+            trainer.on_step_time = est.on_step_time
+            trainer.on_epoch_time = est.on_epoch_time
         with stop.catch_sigint():  # Ctrl-C: finish the step, checkpoint, stop
             res = trainer.fit(progress=progress, progress_bar=progress_bar)
         results.append(res)
