@@ -388,7 +388,9 @@ class CoxHead:
     n_nonzero_ : number of non-zero coefficients.
     """
 
-    DEFAULT_L1_RATIOS = (0.05, 0.5, 1.0)
+    #: 0 (ridge) ends the grid: nothing lies beyond it, so the l1 ratio cannot sit on an open
+    #: edge (with (0.05, 0.5, 1) the 0.05 end won in most folds of breast_cancer, NKI70, myeloma)
+    DEFAULT_L1_RATIOS = (0.0, 0.05, 0.5, 1.0)
 
     def __init__(
         self,
