@@ -60,3 +60,22 @@ def test_mirror_authors_reproduces_the_outputs_from_before_the_new_default():
     for k, v in want["losses"].items():
         assert abs(got["losses"][k] - v) < 1e-12, k
     assert abs(got["loss"] - want["loss"]) < 1e-12
+
+
+def test_small_cohort_yaml_is_the_demo_recipe(tmp_path):
+    # the README recommends docs/small_cohort.yaml for small cohorts and reports its measured
+    # table; it must stay the recipe the demo trains with
+    import argparse
+
+    from mirror_model._cli import pretrain as cmd
+    from mirror_model.demo import DemoSettings
+    from mirror_model.train import TrainConfig
+
+    yaml_path = Path(__file__).parents[1] / "docs" / "small_cohort.yaml"
+    p = argparse.ArgumentParser()
+    cmd.configure(p)
+    argv = ["--cohort", "c.csv", "--expression", "e.csv", "--features", "f", "--out", str(tmp_path)]
+    preset, cfg, model = cmd.resolve_options(p.parse_args([*argv, "--config", str(yaml_path)]))
+    s = DemoSettings.full()
+    assert preset == "mirror" and model == s.model_overrides()
+    assert cfg == TrainConfig(**{**s.train_kwargs(), "seed": cfg.seed})
