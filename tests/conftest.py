@@ -53,3 +53,13 @@ def cmu_small_svs() -> Path:
             f"real test slide not found at {CMU_SMALL_SVS} (only present beside the project's CI checkout)"
         )
     return CMU_SMALL_SVS
+
+
+@pytest.fixture(scope="module")
+def case(request, tmp_path_factory):
+    """A small trained bundle with its inputs (``_bundle_helpers.build_case``), built once per
+    test module (test_bundle, test_inference) in a folder named after the module."""
+    from _bundle_helpers import build_case
+
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    return build_case(tmp_path_factory.mktemp(name))

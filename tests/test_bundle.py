@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _bundle_helpers import build_case
 
 from mirror_model.bundle import (
     FORMAT_VERSION,
@@ -22,11 +21,6 @@ from mirror_model.bundle import (
 from mirror_model.errors import BundleError
 from mirror_model.inference import predict
 from mirror_model.models import INFERENCE_PREFIXES, inference_state_dict
-
-
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    return build_case(tmp_path_factory.mktemp("bundle"))
 
 
 def _predict_all(bundle, case):

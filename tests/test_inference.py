@@ -7,7 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from _bundle_helpers import TARGET_MPP, TILE_PX, build_case
+from _bundle_helpers import TARGET_MPP, TILE_PX
 
 from mirror_model.errors import (
     Cancelled,
@@ -16,11 +16,6 @@ from mirror_model.errors import (
     FeatureFileError,
 )
 from mirror_model.inference import match_sample, predict, slide_stem
-
-
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    return build_case(tmp_path_factory.mktemp("inference"))
 
 
 def _check_probabilities(pred, classes):

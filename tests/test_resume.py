@@ -62,11 +62,7 @@ def toy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(toy, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
-    pretrain_toy(
-        toy,
-        run,
-        config=_cfg(),
-    )
+    pretrain_toy(toy, run, config=_cfg())
     return run
 
 
@@ -79,21 +75,11 @@ def test_stop_mid_epoch_then_resume_is_bitwise_identical(toy, reference, tmp_pat
         return polls["n"] == 5
 
     with pytest.raises(Cancelled, match="--resume"):
-        pretrain_toy(
-            toy,
-            run,
-            config=_cfg(),
-            should_stop=should_stop,
-        )
+        pretrain_toy(toy, run, config=_cfg(), should_stop=should_stop)
     state = load_checkpoint(run / "fold_0" / "last.ckpt")["train_state"]
     assert (state.epoch, state.step_in_epoch, state.global_step) == (1, 1, 4)
     assert len(_rows(run)) == 1
-    res = pretrain_toy(
-        toy,
-        run,
-        config=_cfg(),
-        resume=True,
-    )
+    res = pretrain_toy(toy, run, config=_cfg(), resume=True)
     assert res.completed and res.folds[0].global_step == 9
     _assert_same(reference, run)
 
@@ -103,44 +89,21 @@ def test_max_steps_then_resume_is_bitwise_identical(toy, reference, tmp_path):
     # the first part reads only the sampled rows from the h5 files (no cache) in 2 background
     # threads: the data pipeline must give the very same batches as the in-memory cache
     lazy = _cfg(max_steps=3, feature_cache="lazy", cache_gb=0.0, num_workers=2)
-    res = pretrain_toy(
-        toy,
-        run,
-        config=lazy,
-    )
+    res = pretrain_toy(toy, run, config=lazy)
     assert not res.completed and res.folds[0].global_step == 3
     # a torn extra log line written after the checkpoint is dropped on resume
     with open(run / "fold_0" / "log.jsonl", "a") as fh:
         fh.write('{"epoch": 1, "step": 99}\n')
-    res = pretrain_toy(
-        toy,
-        run,
-        config=_cfg(),
-        resume=True,
-    )
+    res = pretrain_toy(toy, run, config=_cfg(), resume=True)
     assert res.completed
     _assert_same(reference, run)
     # resuming a finished run is a no-op that reports it
-    again = pretrain_toy(
-        toy,
-        run,
-        config=_cfg(),
-        resume=True,
-    )
+    again = pretrain_toy(toy, run, config=_cfg(), resume=True)
     assert again.folds[0].global_step == 9
 
 
 def test_resume_refuses_changed_options(toy, tmp_path):
     run = tmp_path / "run"
-    pretrain_toy(
-        toy,
-        run,
-        config=_cfg(max_steps=2),
-    )
+    pretrain_toy(toy, run, config=_cfg(max_steps=2))
     with pytest.raises(TrainingError, match="lr 0.001 -> 0.01"):
-        pretrain_toy(
-            toy,
-            run,
-            config=_cfg(lr=1e-2),
-            resume=True,
-        )
+        pretrain_toy(toy, run, config=_cfg(lr=1e-2), resume=True)

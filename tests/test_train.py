@@ -201,11 +201,7 @@ def test_non_finite_loss_names_step_and_term_and_keeps_checkpoint(toy, tmp_path,
     with pytest.raises(
         TrainingError, match=r"epoch 1, step 1 .*term 'ret_rna'.*last good checkpoint"
     ) as ei:
-        pretrain_toy(
-            toy,
-            run,
-            config=_cfg(epochs=2, batch_size=2),
-        )
+        pretrain_toy(toy, run, config=_cfg(epochs=2, batch_size=2))
     assert "global step 5" in str(ei.value)
     ckpt = load_checkpoint(run / "fold_0" / "last.ckpt")
     assert ckpt["train_state"].epoch == 1 and ckpt["train_state"].global_step == 4
@@ -229,11 +225,7 @@ def test_clear_input_errors(toy, tmp_path):
         )
     # fewer patients than folds
     with pytest.raises(CohortError, match="16 patient.*20 folds"):
-        pretrain_toy(
-            toy,
-            tmp_path / "r2",
-            config=_cfg(folds=20, fold=None),
-        )
+        pretrain_toy(toy, tmp_path / "r2", config=_cfg(folds=20, fold=None))
     # features of another dimension
     import shutil
 
@@ -253,11 +245,7 @@ def test_clear_input_errors(toy, tmp_path):
     (tmp_path / "r4").mkdir()
     (tmp_path / "r4" / "config.yaml").write_text("{}")
     with pytest.raises(Exception, match="already holds a run"):
-        pretrain_toy(
-            toy,
-            tmp_path / "r4",
-            config=_cfg(),
-        )
+        pretrain_toy(toy, tmp_path / "r4", config=_cfg())
 
 
 def test_training_lowers_the_loss_on_paired_toy_data(tmp_path):
@@ -273,12 +261,7 @@ def test_training_lowers_the_loss_on_paired_toy_data(tmp_path):
         warmup_epochs=1,
         optimizer="adamw",
     )
-    res = pretrain_toy(
-        toy,
-        tmp_path / "run",
-        preset="mirror-align-only",
-        config=cfg,
-    )
+    res = pretrain_toy(toy, tmp_path / "run", preset="mirror-align-only", config=cfg)
     rows = [
         json.loads(x) for x in (tmp_path / "run" / "fold_0" / "log.jsonl").read_text().splitlines()
     ]
@@ -307,36 +290,18 @@ def test_ctrl_c_checkpoints_and_resume_continues(toy, tmp_path):
     # default_int_handler normally; SIG_IGN when the test process was started in the background
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Cancelled, match="stopped at epoch 1, step 0"):
-        pretrain_toy(
-            toy,
-            run,
-            config=_cfg(),
-            should_stop=press_ctrl_c,
-        )
+        pretrain_toy(toy, run, config=_cfg(), should_stop=press_ctrl_c)
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
     state = load_checkpoint(run / "fold_0" / "last.ckpt")["train_state"]
     assert (state.epoch, state.global_step) == (1, 2)
-    res = pretrain_toy(
-        toy,
-        run,
-        config=_cfg(),
-        resume=True,
-    )
+    res = pretrain_toy(toy, run, config=_cfg(), resume=True)
     assert res.completed and res.folds[0].global_step == 4
 
 
 def test_one_more_fold_can_be_added_to_a_run(toy, tmp_path):
     run = tmp_path / "run"
-    pretrain_toy(
-        toy,
-        run,
-        config=_cfg(epochs=1),
-    )
-    pretrain_toy(
-        toy,
-        run,
-        config=_cfg(epochs=1, fold=2),
-    )
+    pretrain_toy(toy, run, config=_cfg(epochs=1))
+    pretrain_toy(toy, run, config=_cfg(epochs=1, fold=2))
     assert load_run(run).folds == [0, 2]
 
 

@@ -24,12 +24,11 @@ from typing import Any
 
 __all__ = [
     "PRECISIONS",
-    "add_batch_size_option",
     "add_device_option",
     "add_nan_policy_option",
     "add_precision_option",
     "add_quiet_option",
-    "add_slide_mpp_option",
+    "add_slide_options",
     "progress_bar",
 ]
 
@@ -72,21 +71,20 @@ def add_nan_policy_option(parser: Any, default: str | None = "error") -> None:
     )
 
 
-def add_slide_mpp_option(parser: Any) -> None:
-    """``--mpp``: level-0 µm/px for a slide whose file does not record its resolution."""
+def add_slide_options(parser: Any) -> None:
+    """Reading slides and running the patch encoder over their tiles (``extract``,
+    ``predict``): ``--mpp``, ``--batch-size``, ``--device``, ``--precision``."""
     parser.add_argument(
         "--mpp",
         type=float,
         default=None,
         help="level-0 µm/px for slides without resolution metadata",
     )
-
-
-def add_batch_size_option(parser: Any, default: int = 64) -> None:
-    """``--batch-size``: tiles per patch-encoder call."""
     parser.add_argument(
-        "--batch-size", type=int, default=default, help=f"tiles per encoder call (default {default})"
+        "--batch-size", type=int, default=64, help="tiles per encoder call (default 64)"
     )
+    add_device_option(parser)
+    add_precision_option(parser)
 
 
 def add_quiet_option(parser: Any, help_text: str = "no progress bar") -> None:

@@ -9,14 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._options import (
-    add_batch_size_option,
-    add_device_option,
-    add_precision_option,
-    add_quiet_option,
-    add_slide_mpp_option,
-    progress_bar,
-)
+from ._options import add_quiet_option, add_slide_options, progress_bar
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +40,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
             metavar=("R", "G", "B"),
             help=f"normalisation {stat} (TorchScript encoders; default ImageNet)",
         )
-    add_slide_mpp_option(parser)
     parser.add_argument(
         "--target-mpp",
         type=float,
@@ -63,15 +55,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="minimum tissue fraction of a kept tile (default 0.25)",
     )
-    add_batch_size_option(parser)
     parser.add_argument(
         "--num-workers",
         type=int,
         default=None,
         help="tile reader threads (default: CPUs - 1, max 4)",
     )
-    add_device_option(parser)
-    add_precision_option(parser)
+    add_slide_options(parser)
     parser.add_argument(
         "--overwrite", action="store_true", help="re-extract slides whose file exists"
     )

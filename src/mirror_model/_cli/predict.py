@@ -14,15 +14,7 @@ import json
 import sys
 from typing import Any
 
-from ._options import (
-    add_batch_size_option,
-    add_device_option,
-    add_nan_policy_option,
-    add_precision_option,
-    add_quiet_option,
-    add_slide_mpp_option,
-    progress_bar,
-)
+from ._options import add_nan_policy_option, add_quiet_option, add_slide_options, progress_bar
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,16 +37,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="row of the expression table (default: the only row, or the one matching the slide name)",
     )
-    add_slide_mpp_option(parser)
     add_nan_policy_option(parser)
-    add_device_option(parser)
-    add_precision_option(parser)
+    add_slide_options(parser)
     parser.add_argument(
         "--encoder-weights",
         default=None,
         help="weights file of the bundle's patch encoder when it needs one (e.g. UNI)",
     )
-    add_batch_size_option(parser)
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument(
         "--tiles-csv",

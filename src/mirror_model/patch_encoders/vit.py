@@ -467,17 +467,17 @@ def create_vit_encoder(
 ) -> ViTPatchEncoder:
     """Our ViT for a named model (``uni``, ``phikon`` ...) or a ``vit_*`` architecture."""
     o = options or EncoderOptions()
-    weights, allow_random, input_px, mean, std = o.weights, o.allow_random, o.input_px, o.mean, o.std
+    weights = o.weights
     key = name.lower()
     cfg = NAMED_VITS[key] if key in NAMED_VITS else vit_config(key)
-    if input_px is not None:
-        if int(input_px) % cfg.patch_size:
+    if o.input_px is not None:
+        if int(o.input_px) % cfg.patch_size:
             raise ConfigError(
-                f"input_px {input_px} is not a multiple of the patch size {cfg.patch_size} of {name}."
+                f"input_px {o.input_px} is not a multiple of the patch size {cfg.patch_size} of {name}."
             )
     # check the cheap things before building a model of up to ~700M parameters
     if weights is None:
-        _random_or_error(registry_name or name, allow_random)
+        _random_or_error(registry_name or name, o.allow_random)
     elif not Path(weights).expanduser().is_file():
         raise ConfigError(f"weights file not found: {Path(weights).expanduser()}")
     vit = VisionTransformer(cfg)
@@ -488,9 +488,9 @@ def create_vit_encoder(
         sha = _sha256(weights)
     spec = PatchEncoderSpec(
         name=registry_name or key,
-        input_px=int(input_px or cfg.img_size),
-        mean=tuple(float(v) for v in (mean or IMAGENET_MEAN)),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in (std or IMAGENET_STD)),  # type: ignore[arg-type]
+        input_px=int(o.input_px or cfg.img_size),
+        mean=tuple(float(v) for v in (o.mean or IMAGENET_MEAN)),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in (o.std or IMAGENET_STD)),  # type: ignore[arg-type]
         dim=cfg.out_dim,
         kind="vit",
         architecture=key
@@ -533,7 +533,7 @@ def create_timm_encoder(model_name: str, options: EncoderOptions | None = None) 
     unless ``options.allow_random``.
     """
     o = options or EncoderOptions()
-    weights, allow_random, input_px, mean, std = o.weights, o.allow_random, o.input_px, o.mean, o.std
+    weights = o.weights
     registry_name = f"timm:{model_name}"
     try:
         import timm
@@ -553,7 +553,7 @@ def create_timm_encoder(model_name: str, options: EncoderOptions | None = None) 
         kw["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
         if not Path(weights).expanduser().is_file():
             raise ConfigError(f"weights file not found: {weights}")
-    elif allow_random:
+    elif o.allow_random:
         kw["pretrained"] = False
     else:
         kw["pretrained"] = True
@@ -569,15 +569,15 @@ def create_timm_encoder(model_name: str, options: EncoderOptions | None = None) 
             f"{registry_name}: timm could not create the model: {exc}{hint}"
         ) from None
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = int(input_px or (cfg.get("input_size") or (3, 224, 224))[-1])
+    size = int(o.input_px or (cfg.get("input_size") or (3, 224, 224))[-1])
     model.eval()
     with torch.no_grad():
         dim = int(model(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
     spec = PatchEncoderSpec(
         name=registry_name,
         input_px=size,
-        mean=tuple(float(v) for v in (mean or cfg.get("mean") or IMAGENET_MEAN)),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in (std or cfg.get("std") or IMAGENET_STD)),  # type: ignore[arg-type]
+        mean=tuple(float(v) for v in (o.mean or cfg.get("mean") or IMAGENET_MEAN)),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in (o.std or cfg.get("std") or IMAGENET_STD)),  # type: ignore[arg-type]
         dim=dim,
         kind="timm",
         architecture=model_name,
