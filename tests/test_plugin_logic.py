@@ -293,6 +293,17 @@ def test_sample_matching_and_requests():
     assert RunRequest(slide_path="s.svs").validate().device == "auto"
 
 
+def test_run_request_fields_are_predict_keywords():
+    """run_prediction passes every field but the bundle to predict() under its own name."""
+    import inspect
+
+    from mirror_model.inference import predict
+
+    kw = RunRequest(slide_path="s.svs", mpp=0.25, nan_policy="median").predict_kwargs()
+    assert "bundle_path" not in kw and set(kw) <= set(inspect.signature(predict).parameters)
+    assert (kw["slide_path"], kw["mpp"], kw["nan_policy"], kw["device"]) == ("s.svs", 0.25, "median", "auto")
+
+
 def test_plugin_modules_import_light():
     """napari imports the reader at start-up and whenever a file is dropped: no Qt, torch or
     matplotlib until the widget opens or a run starts."""

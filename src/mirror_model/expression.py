@@ -28,7 +28,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +125,21 @@ def _gene_key(gene: str) -> str:
     if _ENSEMBL_RE.match(g):
         g = g.split(".")[0]
     return g.upper()
+
+
+def _lookup(
+    names: Sequence[str], exact: dict[str, int], loose: Callable[[str], int | None]
+) -> tuple[list[int], list[str]]:
+    """Index of each name: its exact match, else ``loose(name)``; ``-1`` where neither finds
+    it. Also returns the names not found, in order (samples and genes alike)."""
+    idx: list[int] = []
+    missing: list[str] = []
+    for name in names:
+        i = exact[name] if name in exact else loose(name)
+        if i is None:
+            missing.append(name)
+        idx.append(-1 if i is None else i)
+    return idx, missing
 
 
 def _gene_score(labels: Sequence[str]) -> float:
@@ -254,13 +269,9 @@ class ExpressionTable:
         by_key: dict[str, list[int]] = {}
         for i, s in enumerate(self.sample_ids):
             by_key.setdefault(patient_key(s), []).append(i)
-        rows: list[int] = []
-        unmatched: list[str] = []
         ambiguous: list[str] = []
-        for p in pids:
-            if p in exact:
-                rows.append(exact[p])
-                continue
+
+        def by_barcode(p: str) -> int | None:  # -1: several samples, listed in ``ambiguous``
             cand = by_key.get(patient_key(p), [])
             if len(cand) > 1:
                 tumour = [i for i in cand if (tcga_sample_type(self.sample_ids[i]) or 99) < 10]
@@ -270,13 +281,10 @@ class ExpressionTable:
                     cand = sorted(tumour or cand, key=lambda i: self.sample_ids[i])[:1]
                 else:
                     ambiguous.append(f"{p} -> {', '.join(self.sample_ids[i] for i in cand)}")
-                    rows.append(-1)
-                    continue
-            if not cand:
-                unmatched.append(p)
-                rows.append(-1)
-            else:
-                rows.append(cand[0])
+                    return -1
+            return cand[0] if cand else None
+
+        rows, unmatched = _lookup(pids, exact, by_barcode)
         if unmatched:
             shown = ", ".join(unmatched[:_MAX_LISTED])
             more = (
@@ -311,18 +319,7 @@ class ExpressionTable:
         for i, g in enumerate(self.genes):
             k = _gene_key(g)
             loose[k] = None if k in loose else i  # None marks an ambiguous loose key
-        idx: list[int] = []
-        missing: list[str] = []
-        for g in genes:
-            if g in exact:
-                idx.append(exact[g])
-                continue
-            j = loose.get(_gene_key(g))
-            if j is None:
-                missing.append(g)
-                idx.append(-1)
-            else:
-                idx.append(j)
+        idx, missing = _lookup(genes, exact, lambda g: loose.get(_gene_key(g)))
         if missing:
             shown = ", ".join(missing[:_MAX_LISTED])
             more = (

@@ -90,6 +90,13 @@ class RunRequest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def predict_kwargs(self) -> dict[str, Any]:
+        """Every field but ``bundle_path``: each is the keyword of the same name of
+        :func:`mirror_model.inference.predict`."""
+        kw = self.to_dict()
+        del kw["bundle_path"]
+        return kw
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -154,18 +161,7 @@ def run_prediction(request: RunRequest, progress: Any = None, should_stop: Any =
         progress(0, 1, "loading model bundle")
     bundle = get_bundle(request.bundle_path)
     _check_stop(should_stop)
-    pred = predict(
-        bundle,
-        slide_path=request.slide_path,
-        features_path=request.features_path,
-        expression_path=request.expression_path,
-        sample_id=request.sample_id,
-        device=request.device,
-        mpp=request.mpp,
-        nan_policy=request.nan_policy,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    pred = predict(bundle, **request.predict_kwargs(), progress=progress, should_stop=should_stop)
     _check_stop(should_stop)
     return RunResult(request=request, prediction=pred, bundle=bundle, seconds=time.perf_counter() - t0)
 
