@@ -378,6 +378,51 @@ def peak_memory(device) -> tuple[float, str]:
     return peak_rss_bytes() / GB, "peak_rss"
 
 
+
+@dataclasses.dataclass
+class Throughput:
+    """A timed function against the matmul rate measured right before and after it."""
+
+    timing: Timing
+    flops: float
+    matmul_gflops_adjacent: float  # mean of the two matmul rates around the timed runs
+    peak_gb: float  # measured after the timed runs (see peak_memory)
+    memory_kind: str
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.timing.median_s / 1e9
+
+    @property
+    def fraction_of_matmul(self) -> float:
+        return self.gflops / self.matmul_gflops_adjacent
+
+    def extra(self) -> dict[str, Any]:
+        return {**self.timing.extra(), "flops": self.flops, "gflops": self.gflops,
+                "fraction_of_matmul": self.fraction_of_matmul,
+                "matmul_gflops_adjacent": self.matmul_gflops_adjacent}
+
+
+def time_against_matmul(
+    fn: Callable[[], Any],
+    device,
+    precision: str,
+    flops: float,
+    *,
+    repeats: int,
+    warmup: int,
+    budget_s: float | None,
+    rate_budget_s: float,
+) -> Throughput:
+    """:func:`time_fn` between two :func:`measure_matmul_rate` runs (so the fraction of the
+    machine's matmul rate is against what the machine gave right then), then the peak memory."""
+    before = measure_matmul_rate(device, precision, budget_s=rate_budget_s)
+    timing = time_fn(fn, device, repeats=repeats, warmup=warmup, budget_s=budget_s)
+    after = measure_matmul_rate(device, precision, budget_s=rate_budget_s)
+    mem_gb, mem_kind = peak_memory(device)
+    return Throughput(timing, flops, 0.5 * (before.gflops + after.gflops), mem_gb, mem_kind)
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs and tensor shapes
 # ---------------------------------------------------------------------------------------------

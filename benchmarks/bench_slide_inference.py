@@ -29,9 +29,8 @@ from _harness import (
     count_flops,
     current_rss_bytes,
     measure_matmul_rate,
-    peak_memory,
     reset_cuda_peak,
-    time_fn,
+    time_against_matmul,
     top_ops_profile,
     torch_device,
 )
@@ -132,23 +131,18 @@ def run(ctx: Context, precision: str) -> list[Row]:
     )
     del enc
 
-    rate_before = measure_matmul_rate(device, precision, budget_s=1.0 if not ctx.tiny else 0.2)
     repeats = {"full": 5, "quick": 2, "tiny": 1}[ctx.scale]
     # The counting pass above was the warm-up; full runs add one plain pass (caches, allocator).
-    timing = time_fn(infer, device, repeats=repeats, warmup=1 if ctx.scale == "full" else 0,
-                     budget_s=ctx.case_budget_s)
-    rate_after = measure_matmul_rate(device, precision, budget_s=1.0 if not ctx.tiny else 0.2)
-    adjacent = 0.5 * (rate_before.gflops + rate_after.gflops)
-    mem_gb, mem_kind = peak_memory(device)
-    gflops = flops / timing.median_s / 1e9
+    tp = time_against_matmul(infer, device, precision, flops, repeats=repeats,
+                             warmup=1 if ctx.scale == "full" else 0, budget_s=ctx.case_budget_s,
+                             rate_budget_s=1.0 if not ctx.tiny else 0.2)
+    timing, mem_gb, mem_kind = tp.timing, tp.peak_gb, tp.memory_kind
 
     time_row = Row(
         f"slide_inference_{precision}", timing.median_s, "s", tgt, cmp_,
         note=f"encode_slide N={n:,} D_p={sz['patch_dim']} D={sz['embed_dim']}"
         + ("" if attn_ok else "; WARNING: attention not a distribution over N tiles"),
-        extra={**common, **timing.extra(), "flops": flops, "gflops": gflops,
-               "fraction_of_matmul": gflops / adjacent, "matmul_gflops_adjacent": adjacent,
-               "attention_ok": attn_ok},
+        extra={**common, **tp.extra(), "attention_ok": attn_ok},
     )
     rows.append(time_row)
     rows.append(Row(
