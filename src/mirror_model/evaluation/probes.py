@@ -12,7 +12,8 @@ patients passed to :meth:`LinearProbe.fit`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,48 @@ def _as_fitted_2d(X: Any, fitted_dim: int, what: str) -> np.ndarray:
     if X.shape[1] != fitted_dim:
         raise ConfigError(f"{what} was fitted on {fitted_dim}-d embeddings; got {X.shape[1]}-d.")
     return X
+
+
+class _FittedHead:
+    """What the fitted heads (LinearProbe, CoxHead, DiscreteHazardHead) share: the error when
+    one is used unfitted, and the check of its input's width. Numpy only."""
+
+    _fitted_attr = "coef_"  # set by fit() and from_dict()
+    _fit_hint = "fit or from_dict"  # what the not-fitted error tells the user to call
+    _input_name = "the head"  # how the width error names the head
+    _dict_version = 1  # of the to_dict layout
+    mean_: np.ndarray
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, self._fitted_attr):
+            raise ConfigError(f"this {type(self).__name__} is not fitted; call {self._fit_hint}.")
+
+    def _fitted_input(self, X: Any) -> np.ndarray:
+        """``X`` as [N, d] with d = the fitted width (after :meth:`_check_fitted`)."""
+        self._check_fitted()
+        return _as_fitted_2d(X, self.mean_.shape[0], self._input_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the fitted head (lists of floats), read back by ``from_dict``:
+        ``type`` (the class name) and ``version`` first, then the head's own fields."""
+        self._check_fitted()
+        return {"type": type(self).__name__, "version": self._dict_version, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    @contextmanager
+    def _reading_dict(cls, d: dict[str, Any]) -> Iterator[None]:
+        """Around ``from_dict``: a dict of another type, a missing key or a bad value is a
+        ConfigError that names the head."""
+        name = cls.__name__
+        try:
+            if d.get("type", name) != name:
+                raise ConfigError(f"expected a {name} dict, got type {d.get('type')!r}.")
+            yield
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed {name} dict ({type(exc).__name__}: {exc}).") from None
 
 
 def _standardize_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +131,7 @@ class _Logistic:
         return _probabilities(Z @ self.coef_.T + self.intercept_)
 
 
-class LinearProbe:
+class LinearProbe(_FittedHead):
     """Standardisation + multinomial logistic regression; numpy prediction; JSON round trip.
 
     Parameters
@@ -115,6 +158,9 @@ class LinearProbe:
     C_ : float — the C used for the final fit.
     C_selection_ : "fixed" | "inner_cv" | "fixed (too few samples for inner CV)".
     """
+
+    _fit_hint = "fit(X, y) or from_dict first"
+    _input_name = "the probe"
 
     def __init__(
         self,
@@ -220,14 +266,9 @@ class LinearProbe:
         return self
 
     # -- prediction (numpy only) ---------------------------------------------------------
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            raise ConfigError("this LinearProbe is not fitted; call fit(X, y) or from_dict first.")
-
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits: [N] for two classes (of ``classes_[1]``), else [N, C]."""
-        self._check_fitted()
-        X = _as_fitted_2d(X, self.mean_.shape[0], "the probe")
+        X = self._fitted_input(X)
         z = ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
         return z[:, 0] if self.coef_.shape[0] == 1 else z
 
@@ -241,12 +282,8 @@ class LinearProbe:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     # -- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of the fitted probe (lists of floats; class labels as given)."""
-        self._check_fitted()
+    def _fields(self) -> dict[str, Any]:  # to_dict: lists of floats, class labels as given
         return {
-            "type": "LinearProbe",
-            "version": 1,
             "classes": self.classes_.tolist(),
             "mean": self.mean_.tolist(),
             "scale": self.scale_.tolist(),
@@ -260,9 +297,7 @@ class LinearProbe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LinearProbe:
         """Rebuild a fitted probe from :meth:`to_dict` output (no scikit-learn needed)."""
-        try:
-            if d.get("type", "LinearProbe") != "LinearProbe":
-                raise ConfigError(f"expected a LinearProbe dict, got type {d.get('type')!r}.")
+        with cls._reading_dict(d):
             probe = cls(C=float(d["C"]), class_weight=d.get("class_weight", "balanced"))
             probe.classes_ = np.asarray(d["classes"])
             probe.mean_ = np.asarray(d["mean"], dtype=np.float64)
@@ -271,10 +306,6 @@ class LinearProbe:
             probe.intercept_ = np.atleast_1d(np.asarray(d["intercept"], dtype=np.float64))
             probe.C_ = float(d["C"])
             probe.C_selection_ = str(d.get("C_selection", "fixed"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"malformed LinearProbe dict ({type(exc).__name__}: {exc})."
-            ) from None
         D = probe.mean_.shape[0]
         n_out = 1 if probe.classes_.size == 2 else probe.classes_.size
         if (

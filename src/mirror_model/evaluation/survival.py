@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import ConfigError, TrainingError
 from .metrics import c_index
-from .probes import _as_2d, _as_fitted_2d, _row_space, _standardize_fit
+from .probes import _as_2d, _FittedHead, _row_space, _standardize_fit
 
 __all__ = [
     "CoxHead",
@@ -336,7 +336,7 @@ class _CoxProblem:
 # ---------------------------------------------------------------------------------------
 # Cox head
 # ---------------------------------------------------------------------------------------
-class CoxHead:
+class CoxHead(_FittedHead):
     """Elastic-net Cox model on standardised inputs (scikit-survival's Coxnet); numpy prediction.
 
     The penalty ``alpha`` and the elastic-net mixing ``l1_ratio`` are chosen by inner
@@ -391,6 +391,9 @@ class CoxHead:
     #: 0 (ridge) ends the grid: nothing lies beyond it, so the l1 ratio cannot sit on an open
     #: edge (with (0.05, 0.5, 1) the 0.05 end won in most folds of breast_cancer, NKI70, myeloma)
     DEFAULT_L1_RATIOS = (0.0, 0.05, 0.5, 1.0)
+    _fit_hint = "fit(X, time, event) or from_dict"
+    _input_name = "the Cox head"
+    _dict_version = 2  # 1 = the earlier lifelines head (from_dict reads both)
 
     def __init__(
         self,
@@ -564,22 +567,13 @@ class CoxHead:
             total += np.where(bad, -np.inf, full - part)
         return total
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            raise ConfigError("this CoxHead is not fitted; call fit(X, time, event) or from_dict.")
-
     def predict_risk(self, X: Any) -> np.ndarray:
         """Linear predictor x·β per patient, [N] (higher = worse prognosis)."""
-        self._check_fitted()
-        X = _as_fitted_2d(X, self.mean_.shape[0], "the Cox head")
+        X = self._fitted_input(X)
         return self._features(X) @ self.coef_
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of the fitted head (lists of floats)."""
-        self._check_fitted()
+    def _fields(self) -> dict[str, Any]:  # to_dict
         return {
-            "type": "CoxHead",
-            "version": 2,
             "mean": self.mean_.tolist(),
             "scale": self.scale_.tolist(),
             "components": None if self.components_ is None else self.components_.tolist(),
@@ -597,9 +591,7 @@ class CoxHead:
     def from_dict(cls, d: dict[str, Any]) -> CoxHead:
         """Rebuild a fitted head from :meth:`to_dict` output (numpy only; version-1 dicts of
         the earlier lifelines head load too)."""
-        try:
-            if d.get("type", "CoxHead") != "CoxHead":
-                raise ConfigError(f"expected a CoxHead dict, got type {d.get('type')!r}.")
+        with cls._reading_dict(d):
             l1 = float(d.get("l1_ratio", 0.0))
             head = cls()  # fitted attributes below; the constructor's grid is unused
             head.penalizer_ = float(d["penalizer"])
@@ -613,8 +605,6 @@ class CoxHead:
             head.components_ = None if comps is None else np.asarray(comps, dtype=np.float64)
             head.component_scale_ = np.asarray(d["component_scale"], dtype=np.float64)
             head.coef_ = np.asarray(d["coef"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"malformed CoxHead dict ({type(exc).__name__}: {exc}).") from None
         D = head.mean_.shape[0]
         M = D if head.components_ is None else head.components_.shape[0]
         ok = head.scale_.shape == (D,) and head.coef_.shape == (M,)
@@ -739,7 +729,7 @@ def _fit_hazard(
 
 
 
-class DiscreteHazardHead:
+class DiscreteHazardHead(_FittedHead):
     """The paper's discrete-time hazard head: numpy training and prediction.
 
     The head is linear in the standardised embedding, so with the L2 penalty the objective
@@ -770,6 +760,9 @@ class DiscreteHazardHead:
     mean_, scale_ : [D] standardisation.  weight_ : [n_bins_, D].  bias_ : [n_bins_].
     train_loss_ : final penalised training objective.
     """
+
+    _fitted_attr = "weight_"
+    _input_name = "the hazard head"
 
     def __init__(
         self,
@@ -887,14 +880,9 @@ class DiscreteHazardHead:
         self.cv_scores_ = sorted(scores.items(), reverse=True)
         return float(grid[j])
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "weight_"):
-            raise ConfigError("this DiscreteHazardHead is not fitted; call fit or from_dict.")
-
     def predict_hazards(self, X: Any) -> np.ndarray:
         """Per-bin hazards h_t in (0, 1), [N, n_bins_]."""
-        self._check_fitted()
-        X = _as_fitted_2d(X, self.mean_.shape[0], "the hazard head")
+        X = self._fitted_input(X)
         z = ((X - self.mean_) / self.scale_) @ self.weight_.T + self.bias_
         return 1.0 / (1.0 + np.exp(-z))
 
@@ -906,11 +894,8 @@ class DiscreteHazardHead:
         """risk = −Σ_t S_t, [N] (higher = worse prognosis)."""
         return -self.predict_survival(X).sum(axis=1)
 
-    def to_dict(self) -> dict[str, Any]:
-        self._check_fitted()
+    def _fields(self) -> dict[str, Any]:  # to_dict
         return {
-            "type": "DiscreteHazardHead",
-            "version": 1,
             "bin_edges": self.bin_edges_.tolist(),
             "mean": self.mean_.tolist(),
             "scale": self.scale_.tolist(),
@@ -922,11 +907,7 @@ class DiscreteHazardHead:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiscreteHazardHead:
-        try:
-            if d.get("type", "DiscreteHazardHead") != "DiscreteHazardHead":
-                raise ConfigError(
-                    f"expected a DiscreteHazardHead dict, got type {d.get('type')!r}."
-                )
+        with cls._reading_dict(d):
             edges = np.asarray(d["bin_edges"], dtype=np.float64)
             head = cls(
                 n_bins=edges.size + 1,
@@ -941,10 +922,6 @@ class DiscreteHazardHead:
             head.scale_ = np.asarray(d["scale"], dtype=np.float64)
             head.weight_ = np.asarray(d["weight"], dtype=np.float64)
             head.bias_ = np.asarray(d["bias"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"malformed DiscreteHazardHead dict ({type(exc).__name__}: {exc})."
-            ) from None
         D = head.mean_.shape[0]
         if head.weight_.shape != (head.n_bins_, D) or head.bias_.shape != (head.n_bins_,):
             raise ConfigError("malformed DiscreteHazardHead dict: array shapes do not agree.")
