@@ -10,7 +10,7 @@ from .nystrom import (
     moore_penrose_pinv,
 )
 from .ppeg import PPEG
-from .transformer import ChunkAttention, ChunkBlock, sinusoidal_positions
+from .transformer import ChunkAttention, ChunkBlock, chunk_transformer, sinusoidal_positions
 
 __all__ = [
     "PPEG",
@@ -22,6 +22,7 @@ __all__ = [
     "NystromAttention",
     "NystromLayer",
     "NystromResult",
+    "chunk_transformer",
     "gather_rows",
     "moore_penrose_pinv",
     "sinusoidal_positions",

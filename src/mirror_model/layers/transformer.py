@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .mlp import Mlp
 
-__all__ = ["ChunkAttention", "ChunkBlock", "sinusoidal_positions"]
+__all__ = ["ChunkAttention", "ChunkBlock", "chunk_transformer", "sinusoidal_positions"]
 
 
 class ChunkAttention(nn.Module):
@@ -55,6 +55,21 @@ class ChunkBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def chunk_transformer(
+    dim: int, heads: int, mlp_ratio: float, dropout: float, depth: int
+) -> tuple[nn.Parameter, nn.ModuleList, nn.LayerNorm]:
+    """The body of the RNA transformer and of its retention decoder: a learned position vector
+    (truncated normal, std 0.02), ``depth`` :class:`ChunkBlock` s and a final LayerNorm.
+
+    Returned as parts that the caller stores as ``pos_embed``, ``blocks``, ``norm`` (the
+    state-dict keys of saved models), created in this order (the random init depends on it).
+    """
+    pos_embed = nn.Parameter(torch.empty(dim))
+    nn.init.trunc_normal_(pos_embed, std=0.02)
+    blocks = nn.ModuleList(ChunkBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+    return pos_embed, blocks, nn.LayerNorm(dim, eps=1e-6)
 
 
 def sinusoidal_positions(

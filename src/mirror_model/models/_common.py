@@ -99,11 +99,8 @@ def prepare_bag(
     ``device`` is the model's device; features elsewhere raise a clear error. ``positions``
     ``[B, N, 2]`` (or ``[N, 2]``) integer lattice cells are checked and compacted alongside.
     """
-    if not isinstance(features, Tensor):
-        raise FeatureFileError(
-            f"features must be a torch.Tensor of shape [N, {patch_dim}] or [B, N, {patch_dim}]; "
-            f"got {type(features).__name__}."
-        )
+    wanted = f"features must be a torch.Tensor of shape [N, {patch_dim}] or [B, N, {patch_dim}]"
+    _require_tensor(features, FeatureFileError, wanted)
     if features.dim() == 2:
         features = features.unsqueeze(0)
         if tile_mask is not None and tile_mask.dim() == 1:
@@ -241,11 +238,8 @@ def check_rna(rna: Tensor, n_genes: int, device: torch.device | None = None) -> 
 
     ``device`` is the model's device; an input elsewhere raises a clear error.
     """
-    if not isinstance(rna, Tensor):
-        raise ExpressionError(
-            f"rna must be a torch.Tensor of shape [G] or [B, G] with G = {n_genes}; "
-            f"got {type(rna).__name__}."
-        )
+    wanted = f"rna must be a torch.Tensor of shape [G] or [B, G] with G = {n_genes}"
+    _require_tensor(rna, ExpressionError, wanted)
     if rna.dim() == 1:
         rna = rna.unsqueeze(0)
     if rna.dim() != 2 or rna.shape[1] != n_genes:
@@ -259,6 +253,12 @@ def check_rna(rna: Tensor, n_genes: int, device: torch.device | None = None) -> 
         rna, device, "the expression input is", "move it first, e.g. rna", ExpressionError,
         "expression input contains NaN or infinite values; impute or drop them first.",
     )  # fmt: skip
+
+
+def _require_tensor(x: Any, error: type[Exception], expected: str) -> None:
+    """Raise ``error("<expected>; got <type>.")`` unless ``x`` is a tensor."""
+    if not isinstance(x, Tensor):
+        raise error(f"{expected}; got {type(x).__name__}.")
 
 
 def _float_on_device(

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..layers import (
-    ChunkBlock,
     NystromLayer,
+    chunk_transformer,
     gather_rows,
     sinusoidal_positions,
     xavier_init_linears,
@@ -154,6 +154,23 @@ class MirrorOutput:
     rna_style: StyleResult | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def start(
+        cls, rna_embedding: Tensor, slide_embedding: Any = None, attention: Any = None
+    ) -> MirrorOutput:
+        """An output with no loss term yet (``loss`` a float32 zero on the embeddings' device)."""
+        return cls(
+            loss=rna_embedding.new_zeros((), dtype=torch.float32),
+            losses={},
+            slide_embedding=slide_embedding,
+            rna_embedding=rna_embedding,
+            attention=attention,
+        )
+
+    def add_weighted_terms(self, weights: dict[str, float]) -> None:
+        """``loss`` += Σ weights[name] · term over :attr:`losses` (each term in float32)."""
+        self.loss = sum((weights[n] * v.float() for n, v in self.losses.items()), self.loss)
+
 
 # ---------------------------------------------------------------------- retention branches
 class SlideRetention(nn.Module):
@@ -248,13 +265,9 @@ class RNARetention(nn.Module):
         self.embed = nn.Linear(d, d)
         self.mask_value = nn.Parameter(torch.empty(1))
         nn.init.normal_(self.mask_value, std=0.02)
-        self.pos_embed = nn.Parameter(torch.empty(d))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList(
-            ChunkBlock(d, config.rna_heads, config.rna_mlp_ratio, config.rna_dropout)
-            for _ in range(config.rna_decoder_depth)
+        self.pos_embed, self.blocks, self.norm = chunk_transformer(
+            d, config.rna_heads, config.rna_mlp_ratio, config.rna_dropout, config.rna_decoder_depth
         )
-        self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, d)
         # authors' decoder-block init: output projections scaled by 1/sqrt(2 * layer index)
         with torch.no_grad():
@@ -470,14 +483,8 @@ class MirrorModel(nn.Module):
         rna_in = rna.to(self._param_dtype()) if not torch.is_autocast_enabled() else rna
         rna_emb = self.rna_encoder(rna_in)
         slide_emb = slide.embedding
-        losses: dict[str, Tensor] = {}
-        out = MirrorOutput(
-            loss=slide_emb.new_zeros((), dtype=torch.float32),
-            losses=losses,
-            slide_embedding=slide_emb,
-            rna_embedding=rna_emb,
-            attention=slide.attention,
-        )
+        out = MirrorOutput.start(rna_emb, slide_emb, slide.attention)
+        losses = out.losses
 
         if self.slide_head is not None:
             out.slide_projection = self.project_slide(slide_emb)
@@ -507,9 +514,7 @@ class MirrorModel(nn.Module):
             if cfg.weight_cluster > 0:
                 losses["cluster"] = symmetric_kl(out.slide_style.scores, out.rna_style.scores)
 
-        weights = cfg.loss_weights
-        total = sum((weights[name] * value.float() for name, value in losses.items()), out.loss)
-        out.loss = total
+        out.add_weighted_terms(cfg.loss_weights)
         return out
 
     #: The loss terms an expression-only cohort can train (no slide: no alignment, no slide
@@ -540,21 +545,14 @@ class MirrorModel(nn.Module):
                 "expression-only cohort."
             )
         rna_emb = self.encode_rna(rna)
-        losses: dict[str, Tensor] = {}
-        out = MirrorOutput(
-            loss=rna_emb.new_zeros((), dtype=torch.float32),
-            losses=losses,
-            slide_embedding=None,
-            rna_embedding=rna_emb,
-            attention=None,
-        )
+        out = MirrorOutput.start(rna_emb)
+        losses = out.losses
         if "ret_rna" in active:
             self._rna_retention_term(out, generator)
         if "style" in active and self.style is not None:
             out.rna_style = self.style(rna_emb)
             losses["style"] = gaussian_kl(out.rna_style.mu, out.rna_style.logvar)
-        weights = cfg.loss_weights
-        out.loss = sum((weights[n] * v.float() for n, v in losses.items()), out.loss)
+        out.add_weighted_terms(cfg.loss_weights)
         return out
 
     # ------------------------------------------------------------------ helpers

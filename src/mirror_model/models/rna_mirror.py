@@ -9,11 +9,10 @@ blocks' "self-attention" runs across the ``rna_heads`` chunks of the feature dim
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..layers import ChunkBlock, Mlp
+from ..layers import Mlp, chunk_transformer
 
 __all__ = ["MirrorRNAEncoder"]
 
@@ -33,13 +32,9 @@ class MirrorRNAEncoder(nn.Module):
         self.n_genes = config.n_genes
         self.embed_dim = d
         self.embed = Mlp(config.n_genes, 2 * d, d, dropout=0.0, norm=True)
-        self.pos_embed = nn.Parameter(torch.empty(d))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList(
-            ChunkBlock(d, config.rna_heads, config.rna_mlp_ratio, config.rna_dropout)
-            for _ in range(config.rna_depth)
+        self.pos_embed, self.blocks, self.norm = chunk_transformer(
+            d, config.rna_heads, config.rna_mlp_ratio, config.rna_dropout, config.rna_depth
         )
-        self.norm = nn.LayerNorm(d, eps=1e-6)
 
     def forward(self, rna: Tensor) -> Tensor:
         """Embed ``rna [B, G]`` (normalised expression) into ``[B, D]``."""
