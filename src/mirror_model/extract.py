@@ -323,9 +323,10 @@ def extract_features_in_memory(
             grid = make_tile_grid(
                 source, target_mpp=target_mpp, tile_px=tile_px, tissue_threshold=tissue_threshold
             )
-        feats = _encode_grid(
-            source, grid, enc, dev, prec, batch_size, num_workers, progress, should_stop
-        )
+        with _cpu_threads_for(enc, dev, num_workers):
+            feats = _encode_grid(
+                source, grid, enc, dev, prec, batch_size, num_workers, progress, should_stop
+            )
     finally:
         if own:
             handle.close()
@@ -349,23 +350,6 @@ def extract_features_in_memory(
     ).validate(handle.path)
 
 
-def _encode_grid(
-    slide: SlideHandle,
-    grid: TileGrid,
-    enc: PatchEncoder,
-    dev: torch.device,
-    prec: str,
-    batch_size: int,
-    num_workers: int,
-    progress: ProgressFn | None,
-    should_stop: StopFn | None,
-) -> np.ndarray:
-    with _cpu_threads_for(enc, dev, num_workers):
-        return _encode_grid_inner(
-            slide, grid, enc, dev, prec, batch_size, num_workers, progress, should_stop
-        )
-
-
 @contextlib.contextmanager
 def _cpu_threads_for(enc: PatchEncoder, dev: torch.device, num_workers: int) -> Iterator[None]:
     """Leave the reader threads a core when the encoder is light.
@@ -386,7 +370,7 @@ def _cpu_threads_for(enc: PatchEncoder, dev: torch.device, num_workers: int) -> 
         torch.set_num_threads(before)
 
 
-def _encode_grid_inner(
+def _encode_grid(
     slide: SlideHandle,
     grid: TileGrid,
     enc: PatchEncoder,
