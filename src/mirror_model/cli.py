@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "evaluate frozen encoders: subtyping, survival, report"),
     "export": ("export", "export a trained run as a model bundle (.mirror)"),
     "predict": ("predict", "run a model bundle on one slide and/or expression profile"),
+    "heatmaps": ("heatmaps", "score a run's per-tile maps on held-out slides vs region masks"),
     "demo": ("demo", "end-to-end demo: synth -> extract -> pretrain -> evaluate -> export"),
 }
 

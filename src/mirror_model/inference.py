@@ -418,6 +418,7 @@ def predict(
     batch_size: int = 64,
     num_workers: int = 2,
     nan_policy: str = "error",
+    maps: bool = True,
 ) -> Prediction:
     """Run a model bundle on one patient's slide and/or expression profile.
 
@@ -453,6 +454,8 @@ def predict(
     nan_policy : missing expression values: ``"error"`` (default), ``"median"`` (the
         bundle's training medians), ``"zero"`` or ``"drop-genes"`` (see
         :func:`~mirror_model.expression.read_expression`).
+    maps : compute the subtype and risk maps (``Prediction.maps``) besides the encoder's
+        attention; False skips them (the attention map is always there).
 
     Returns
     -------
@@ -524,6 +527,8 @@ def predict(
     check_cancel(should_stop, "prediction")
     with timer.stage("heads"):
         _apply_heads(bundle, pred, tuple(modalities))
+    if slide is not None and maps:
+        _maps_stage(run, pred, slide)
     timer.total()
     pred.timings_s = timer.t
     return pred
@@ -655,6 +660,25 @@ def _slide_encoder_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> N
     att_map = attention_map(pred.attention, pred.attention_source)
     pred.maps[att_map.name] = att_map
     report(run.progress, 1, 1, "slide encoder")
+
+
+def _maps_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> None:
+    """Subtype and risk maps of the heads that made the prediction (``pred.input_kind``)."""
+    if pred.input_kind not in ("slide", "both"):
+        return
+    import torch
+
+    from .maps import head_maps, slide_heads
+
+    check_cancel(run.should_stop, "prediction")
+    report(run.progress, 0, 1, "maps")
+    with run.timer.stage("maps"):
+        heads = slide_heads(run.bundle, pred.input_kind, pred.rna_embedding)
+        x = torch.from_numpy(slide.features).to(run.dev)
+        pred.maps.update(
+            head_maps(run.model, x, heads, precision=run.prec, should_stop=run.should_stop)
+        )
+    report(run.progress, 1, 1, "maps")
 
 
 def _rna_encoder_stage(run: _Run, pred: Prediction, x_rna: np.ndarray) -> None:

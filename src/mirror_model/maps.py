@@ -220,3 +220,144 @@ def rank_tiles(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
         pct[ok] = (rankdata(v[ok], method="average") - 1.0) / (k - 1) * 100.0
     return rank, pct
+
+
+# --------------------------------------------------------------------------------------------
+# attribution through the frozen slide encoder
+# --------------------------------------------------------------------------------------------
+def attribute_tiles(
+    model: Any,
+    features: Any,
+    directions: Any,
+    *,
+    steps: int = 1,
+    precision: str = "fp32",
+    should_stop: Any = None,
+) -> np.ndarray:
+    """Per-tile attribution of linear read-outs of the slide embedding.
+
+    For every read-out ``f_k(X) = directions[k] · s(X)`` of the slide embedding ``s`` of the
+    tile features ``X [N, D_p]``, tile ``i`` gets ``(x_i − b) · ∂f_k/∂x_i`` averaged along
+    the straight path from ``b`` to ``X`` (integrated gradients with ``steps`` midpoint steps;
+    ``steps=1`` is gradient × input taken at the midpoint), where the baseline ``b`` is the
+    slide's mean tile. Summed over the tiles it approximates ``f_k(X) − f_k(b)``: the map
+    shows which tiles make the read-out differ from what an average tile of the same slide
+    would give.
+
+    Parameters
+    ----------
+    model : a MirrorModel (``encode_slide``) in eval mode.
+    features : ``[N, D_p]`` tensor on the model's device.
+    directions : ``[K, D]`` read-out directions (tensor or array).
+    steps : path steps (1 = gradient × input).
+    precision : "fp32" or "bf16" (autocast).
+    should_stop : polled between backward passes (raises Cancelled).
+
+    Returns
+    -------
+    np.ndarray
+        ``[K, N]`` float64.
+    """
+    import torch
+
+    from ._device import autocast
+    from ._progress import check_cancel
+
+    x = features
+    dev = x.device
+    w = torch.as_tensor(np.asarray(directions, dtype=np.float32), device=dev)
+    base = x.mean(dim=0, keepdim=True)
+    delta = x - base
+    total = torch.zeros(w.shape[0], x.shape[0], dtype=torch.float64, device=dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # only the input's gradient is needed
+        p.requires_grad_(False)
+    try:
+        for alpha in (np.arange(steps) + 0.5) / steps:
+            check_cancel(should_stop, "maps")
+            xa = (base + float(alpha) * delta).requires_grad_(True)
+            with torch.enable_grad(), autocast(dev, precision):
+                out = model.encode_slide(xa).embedding[0].float() @ w.T
+            for k in range(w.shape[0]):
+                (g,) = torch.autograd.grad(out[k], xa, retain_graph=k < w.shape[0] - 1)
+                total[k] += (g.float() * delta).sum(dim=1).double()
+                check_cancel(should_stop, "maps")
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return (total / steps).cpu().numpy()
+
+
+RISK = "risk"
+SUBTYPE_PREFIX = "subtype:"
+_HEAD_INPUT = {"slide": "the slide-only heads", "both": "the slide + expression heads"}
+
+
+def head_maps(
+    model: Any,
+    features: Any,
+    heads: SlideHeads,
+    *,
+    steps: int = 1,
+    precision: str = "fp32",
+    should_stop: Any = None,
+) -> dict[str, TileMap]:
+    """The maps of the displayed outputs: ``"subtype:<class>"`` per class, then ``"risk"``.
+
+    ``features`` is the slide's ``[N, D_p]`` tensor on the model's device. Subtype maps explain
+    the centred logit of their class (its logit minus the mean of all class logits: the log-odds
+    of that class against the average class); they sum to zero over the classes, so the last
+    one is computed as minus the sum of the others (attribution is linear in the read-out). The
+    risk map explains the Cox risk score. See :func:`attribute_tiles`.
+    """
+    dirs: list[np.ndarray] = []
+    if heads.logit_weights is not None:
+        centred = heads.logit_weights - heads.logit_weights.mean(axis=0, keepdims=True)
+        dirs.extend(centred[:-1])
+    if heads.risk_weights is not None:
+        dirs.append(heads.risk_weights)
+    if not dirs:
+        return {}
+    vals = attribute_tiles(
+        model, features, np.stack(dirs), steps=steps, precision=precision, should_stop=should_stop
+    )
+    method = (
+        "gradient × input through the frozen slide encoder"
+        if steps == 1
+        else f"integrated gradients ({steps} steps) through the frozen slide encoder"
+    ) + ", baseline = the slide's mean tile"
+    used = _HEAD_INPUT[heads.kind]
+    out: dict[str, TileMap] = {}
+    if heads.logit_weights is not None:
+        c = len(heads.classes)
+        sub = np.vstack([vals[: c - 1], -vals[: c - 1].sum(axis=0, keepdims=True)])
+        for cls, v in zip(heads.classes, sub, strict=True):
+            out[f"{SUBTYPE_PREFIX}{cls}"] = TileMap(
+                name=f"{SUBTYPE_PREFIX}{cls}",
+                values=v,
+                label=f"Evidence for {cls}",
+                description=(
+                    f"How much each tile raises (> 0) or lowers (< 0) the model's log-odds of "
+                    f"{cls} against the average subtype, compared with an average tile of this "
+                    f"slide; explains {used}."
+                ),
+                signed=True,
+                method=method,
+                units="log-odds (logit) units; the tiles sum to about the slide's logit "
+                "difference from its mean tile",
+            )
+    if heads.risk_weights is not None:
+        out[RISK] = TileMap(
+            name=RISK,
+            values=vals[-1],
+            label="Evidence for higher risk",
+            description=(
+                "How much each tile raises (> 0, towards a worse prognosis) or lowers (< 0) the "
+                "survival risk score, compared with an average tile of this slide; explains "
+                f"{used}."
+            ),
+            signed=True,
+            method=method,
+            units="Cox risk-score (log hazard ratio) units",
+        )
+    return out
