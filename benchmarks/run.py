@@ -55,6 +55,7 @@ MODULES = [
     "bench_expression",
     "bench_heads",
     "bench_slide_inference",
+    "bench_maps",
     "bench_extraction",
     "bench_plugin",
     "bench_pretrain",

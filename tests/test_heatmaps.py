@@ -1,0 +1,188 @@
+"""``mirror-train heatmaps``: masks, the deletion test, the JSON schema, map orientation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mirror_model.errors import ConfigError
+from mirror_model.evaluation.heatmaps import (
+    auroc,
+    deletion_effects,
+    find_masks,
+    mask_downsample,
+    mass_ratio,
+    n_removed,
+    read_region_mask,
+    tile_region_fraction,
+)
+
+
+def test_tile_region_fraction_closed_form():
+    mask = np.zeros((4, 4), bool)
+    mask[:, :2] = True  # left half is the region; 1 mask px = 16 x 16 level-0 px
+    coords = np.array([[0, 0], [16, 0], [8, 0], [24, 0], [32, 32], [40, 16]])
+    size = [32, 32, 16, 16, 32, 16]
+    got = [tile_region_fraction(mask, c[None], s, 16)[0] for c, s in zip(coords, size, strict=True)]
+    np.testing.assert_allclose(got, [1.0, 0.5, 1.0, 0.5, 0.0, 0.0], atol=1e-12)
+    # a tile sticking out of the slide counts the missing part as outside the region
+    assert tile_region_fraction(mask, np.array([[-16, 0]]), 32, 16)[0] == pytest.approx(0.5)
+    # a non-integer downsample (mask 3 px for 40 level-0 px)
+    m3 = np.array([[1, 0, 0]], bool)
+    assert tile_region_fraction(m3, np.array([[0, 0]]), 40 / 3, 40 / 3)[0] == pytest.approx(1.0)
+
+
+def test_auroc_and_mass_known_answers():
+    y = np.array([0, 0, 1, 1], bool)
+    assert auroc(y, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert auroc(y, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+    assert auroc(y, np.full(4, 0.5)) == 0.5
+    assert auroc(y, np.array([0.1, 0.3, 0.2, 0.4])) == 0.75
+    assert np.isnan(auroc(np.ones(3, bool), np.arange(3.0)))
+    # all mass on the region, which is half of the tiles: twice its share
+    assert mass_ratio(np.array([0.0, 0.0, 1.0, 3.0]), y) == pytest.approx(2.0)
+    assert mass_ratio(np.ones(4), y) == pytest.approx(1.0)
+
+
+def test_masks_found_read_and_matched_to_the_slide(tmp_path):
+    import tifffile
+    from PIL import Image
+
+    Image.fromarray(np.array([[0, 255], [0, 7]], np.uint8)).save(tmp_path / "s1.png")
+    rgb = np.zeros((3, 4, 3), np.uint8)
+    rgb[1, 2, 1] = 1  # any non-zero channel counts
+    tifffile.imwrite(tmp_path / "s2.tif", rgb)
+    found = find_masks(tmp_path, ["s1", "s2"])
+    assert found["s1"].suffix == ".png" and found["s2"].suffix == ".tif"
+    np.testing.assert_array_equal(read_region_mask(found["s1"]), [[False, True], [False, True]])
+    assert read_region_mask(found["s2"]).sum() == 1
+    with pytest.raises(ConfigError, match=r"no mask for 2 of the 3 .*s3, s4.*--skip-missing"):
+        find_masks(tmp_path, ["s1", "s3", "s4"])
+    # downsample from the size ratio; sides rounded up by one pixel are fine
+    assert mask_downsample((128, 128), (2048, 2048)) == pytest.approx(16.0)
+    assert mask_downsample((63, 101), (6400, 4000)) == pytest.approx(63.43, abs=0.1)
+    with pytest.raises(ConfigError, match="aspect ratios differ"):
+        mask_downsample((128, 64), (2048, 2048), where="mask m.png")
+
+
+def test_deletion_metric_on_a_constructed_case():
+    """An additive output (sum of the kept tiles' values): removing the top 10 % by the true
+    values changes it by the sum of those values; random removal by 10 % of the total."""
+    rng = np.random.default_rng(0)
+    n = 200
+    v = rng.exponential(size=n)
+
+    def output(keep):
+        return float(v[keep].sum())
+
+    k = n_removed(n, 0.1)
+    assert k == 20 and n_removed(5, 0.1) == 1
+    draws = [rng.choice(n, k, replace=False) for _ in range(200)]
+    top, rand = deletion_effects(output, n, np.argsort(-v), draws, fraction=0.1)
+    assert top == pytest.approx(np.sort(v)[-k:].sum())
+    assert rand == pytest.approx(np.mean([v[d].sum() for d in draws]))
+    assert rand == pytest.approx(0.1 * v.sum(), rel=0.1)
+    assert top / rand > 3  # a faithful map
+    # the reversed map removes the least important tiles: the output barely moves
+    low, _ = deletion_effects(output, n, np.argsort(v), draws, fraction=0.1)
+    assert 0 < low < 0.1 * rand
+
+
+# ------------------------------------------------------------------------------------------
+# the command on a tiny trained run
+# ------------------------------------------------------------------------------------------
+def _tiny_run(root, seed):
+    from mirror_model.demo import DemoSettings
+    from mirror_model.extract import extract_cohort
+    from mirror_model.synth import synthesize_cohort
+    from mirror_model.train import TrainConfig, pretrain
+
+    s = DemoSettings.tiny()
+    cohort = root / "cohort"
+    if not (cohort / "cohort.csv").is_file():
+        synthesize_cohort(cohort, **s.synth_kwargs())
+        ex = s.extract_kwargs()
+        extract_cohort(cohort / "cohort.csv", root / "features", ex.pop("encoder"), num_workers=1,
+                       **ex)
+    kw = s.train_kwargs() | {"seed": seed}
+    run = root / f"run_{seed}"
+    pretrain(cohort / "cohort.csv", cohort / "expression.csv", root / "features", run,
+             preset="mirror", config=TrainConfig(**kw), model_overrides=s.model_overrides())
+    return cohort, run
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heatmaps")
+    cohort, run = _tiny_run(root, seed=42)
+    return root, cohort, run
+
+
+@pytest.mark.slow
+def test_cli_heatmaps_writes_the_documented_schema(tiny, capsys):
+    from mirror_model.cli import main
+
+    root, cohort, run = tiny
+    out = root / "hm"
+    rc = main(["heatmaps", "--run", str(run), "--cohort", str(cohort / "cohort.csv"), "--masks",
+               str(cohort / "masks"), "--out", str(out), "--draws", "3", "--quiet"])
+    assert rc == 0
+    assert "subtype map of the true class" in capsys.readouterr().out
+    doc = json.loads((out / "heatmaps.json").read_text())
+    assert set(doc) == {"schema", "maps", "settings", "descriptions"}
+    assert list(doc["maps"]) == ["subtype:true", "subtype:predicted", "risk", "attention",
+                                 "feature_norm", "random"]
+    folds = doc["settings"]["folds"]
+    assert folds == [0, 1] and doc["settings"]["n_slides"] == 10
+    for name, metrics in doc["maps"].items():
+        assert {"auroc", "auroc_abs", "mass_ratio", "abs_mass_ratio", "deletion_ratio",
+                "deletion_lowers"} <= set(metrics), name
+        if name not in ("subtype:true", "subtype:predicted", "risk"):
+            assert "deletion_ratio_risk" in metrics
+        for m, s in metrics.items():
+            assert set(s) == {"mean", "sd", "min_fold", "per_fold"}, (name, m)
+            assert set(s["per_fold"]) == {str(k) for k in folds}
+            vals = [v for v in s["per_fold"].values() if v is not None]
+            assert s["mean"] == pytest.approx(np.mean(vals)) and s["min_fold"] == min(vals)
+            if m.startswith("auroc") or m == "deletion_lowers":
+                assert all(0.0 <= v <= 1.0 for v in vals)
+            else:
+                assert all(v >= 0.0 for v in vals)
+    slides = json.loads((out / "heatmap_slides.json").read_text())
+    assert len(slides) == 10 and {r["fold"] for r in slides} == {0, 1}
+    assert all(r["mask_downsample"] == pytest.approx(16.0) for r in slides)
+    md = (out / "report.md").read_text()
+    assert "| map | AUROC vs region" in md and "figures/heatmap_examples.png" in md
+    assert (out / "figures" / "heatmap_examples.png").stat().st_size > 10_000
+    assert (out / "bundles" / "fold_1.mirror").is_file()
+
+
+@pytest.mark.slow
+def test_cli_heatmaps_clear_errors_for_missing_and_foreign_masks(tiny, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from mirror_model.cli import main
+
+    root, cohort, run = tiny
+    masks = tmp_path / "masks"
+    shutil.copytree(cohort / "masks", masks)
+    gone = sorted(masks.iterdir())[0]
+    gone.unlink()
+    args = ["heatmaps", "--run", str(run), "--cohort", str(cohort / "cohort.csv"), "--masks",
+            str(masks), "--out", str(tmp_path / "o"), "--draws", "1", "--examples", "0", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert gone.stem in err and "--skip-missing" in err
+    assert main([*args, "--skip-missing"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "o" / "heatmaps.json").read_text())["settings"]["n_slides"] == 9
+    # a mask of another shape than the slide: named, with both sizes
+    other = sorted(masks.iterdir())[0]
+    Image.fromarray(np.zeros((48, 20), np.uint8)).save(other)
+    assert main([*args, "--skip-missing"]) == 2
+    err = capsys.readouterr().err
+    assert other.name in err and "aspect ratios differ" in err
