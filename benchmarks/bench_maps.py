@@ -30,8 +30,8 @@ def cases(ctx: Context) -> list[Case]:
 def run(ctx: Context, precision: str) -> list[Row]:
     import numpy as np
     import torch
-
     from bench_slide_inference import _build
+
     from mirror_model.maps import SlideHeads, head_maps
 
     device = torch_device(ctx.device)

@@ -125,3 +125,50 @@ def test_integrated_gradients_are_complete_on_the_real_slide_encoder():
     ig = attribute_tiles(model, x, dirs, steps=64)
     np.testing.assert_allclose(ig.sum(axis=1), f - f0, rtol=0.02, atol=0.02 * np.abs(f - f0).max())
     assert all(p.requires_grad for p in model.parameters())  # left as found
+
+
+# ------------------------------------------------------------------------------------------
+# the maps through predict, on a real bundle
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    from _bundle_helpers import build_case
+
+    return build_case(tmp_path_factory.mktemp("maps"))
+
+
+def test_slide_heads_reproduce_the_bundle_heads(case):
+    from mirror_model.inference import predict
+    from mirror_model.maps import slide_heads
+
+    for kw in ({}, {"expression_path": case.expression_path}):
+        pred = predict(case.bundle, features_path=case.features_path, device="cpu",
+                       precision="fp32", maps=False, **kw)
+        heads = slide_heads(case.bundle, pred.input_kind, pred.rna_embedding)
+        p = heads.probabilities(pred.slide_embedding)
+        np.testing.assert_allclose(p, list(pred.subtype_probabilities.values()), atol=1e-9)
+        assert heads.classes == tuple(pred.subtype_probabilities)
+        assert float(heads.risk(pred.slide_embedding)) == pytest.approx(pred.risk_score, abs=1e-9)
+        assert list(pred.maps) == ["attention"]  # maps=False: only the encoder's attention
+
+
+def test_predict_returns_a_map_per_output_with_and_without_expression(case):
+    from mirror_model.inference import predict
+
+    slide = predict(case.bundle, features_path=case.features_path, device="cpu", precision="fp32")
+    both = predict(case.bundle, features_path=case.features_path,
+                   expression_path=case.expression_path, device="cpu", precision="fp32")
+    names = ["attention", *(f"subtype:{c}" for c in case.classes), "risk"]
+    for pred, head in ((slide, "slide-only"), (both, "slide + expression")):
+        assert list(pred.maps) == names
+        assert "maps" in pred.timings_s
+        for name in names[1:]:
+            m = pred.maps[name]
+            assert m.signed and m.values.shape == (pred.n_tiles,) and np.all(np.isfinite(m.values))
+            assert head in m.description and m.label.startswith("Evidence for")
+        total = sum(pred.maps[f"subtype:{c}"].values for c in case.classes)
+        np.testing.assert_allclose(total, 0.0, atol=1e-9)
+    # the combined head weighs the slide embedding differently: another map
+    a, b = slide.maps[names[1]].values, both.maps[names[1]].values
+    assert not np.allclose(a, b)
+    assert slide.maps["attention"].values == pytest.approx(both.maps["attention"].values)

@@ -160,44 +160,46 @@ def slide_heads(
 ) -> SlideHeads:
     """The heads of ``bundle`` for input ``kind`` as :class:`SlideHeads`.
 
-    ``kind="both"`` needs the patient's ``rna_embedding [D_rna]`` (it sets the offsets).
+    ``kind="both"`` needs the patient's ``rna_embedding [D_rna]`` (it sets the offsets). The
+    affine maps are read off the heads' own prediction functions (at 0 and at every unit
+    vector of the slide part), so they hold for any affine head; a head that is not affine in
+    the embedding raises ``ValueError``.
     """
     if kind not in ("slide", "both"):
         raise ValueError(f"slide heads exist for input 'slide' or 'both', not {kind!r}")
     if kind == "both" and rna_embedding is None:
         raise ValueError("input kind 'both' needs the RNA embedding")
-    r = None if kind == "slide" else np.asarray(rna_embedding, np.float64).reshape(-1)
-
-    def split(weights: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[Any, Any]:
-        # weights act on (z - mean) / scale with z = [s, r]: fold scale and the RNA part away
-        a = weights / scale  # [..., D_total]
-        off = -(a @ mean)
-        d = a.shape[-1] - (0 if r is None else r.size)
-        if r is not None:
-            off = off + a[..., d:] @ r
-        return a[..., :d], off
-
     probe = bundle.head(kind, "subtype")
+    cox = bundle.head(kind, "survival")
+    width = (probe if probe is not None else cox).mean_.shape[0]
+    r = np.zeros(0) if kind == "slide" else np.asarray(rna_embedding, np.float64).reshape(-1)
+    d = width - r.size
+    # rows: the slide embedding 0, then each unit vector, then one random check point
+    s = np.vstack([np.zeros(d), np.eye(d), np.random.default_rng(0).normal(size=d)])
+    z = np.hstack([s, np.broadcast_to(r, (s.shape[0], r.size))])
+
+    def affine(values: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        off = values[0]
+        w = values[1 : d + 1] - off  # [D, ...]
+        if not np.allclose(s[-1] @ w + off, values[-1], rtol=1e-6, atol=1e-8):
+            raise ValueError(f"the {what} head of {bundle.name} is not affine in the embedding")
+        return w.T, off
+
     classes: tuple[str, ...] = ()
     lw = lo = None
     if probe is not None:
-        w, off = split(probe.coef_, probe.mean_, probe.scale_)
-        off = off + probe.intercept_
+        logits = np.asarray(probe.decision_function(z), np.float64)
         names = [str(c) for c in np.asarray(probe.classes_).tolist()]
-        if w.shape[0] == 1:  # two classes: the logit of names[1] against names[0]
-            w = np.vstack([np.zeros_like(w), w])
-            off = np.concatenate([[0.0], off])
+        if logits.ndim == 1:  # two classes: the logit of names[1] against names[0]
+            logits = np.stack([np.zeros_like(logits), logits], axis=1)
+        w, off = affine(logits, "subtype")
         order = [c for c in (bundle.class_names or names) if c in names]
         idx = [names.index(c) for c in order]
         classes, lw, lo = tuple(order), w[idx], off[idx]
-    cox = bundle.head(kind, "survival")
     rw = None
     ro = 0.0
     if cox is not None:
-        beta = cox.coef_ / cox.component_scale_
-        if cox.components_ is not None:
-            beta = beta @ cox.components_
-        w, off = split(beta, cox.mean_, cox.scale_)
+        w, off = affine(np.asarray(cox.predict_risk(z), np.float64), "survival")
         rw, ro = w, float(off)
     return SlideHeads(kind, classes, lw, lo, rw, ro)
 
@@ -290,7 +292,7 @@ def attribute_tiles(
 
 RISK = "risk"
 SUBTYPE_PREFIX = "subtype:"
-_HEAD_INPUT = {"slide": "the slide-only heads", "both": "the slide + expression heads"}
+_HEAD_INPUT = {"slide": "the slide-only heads", "both": "the slide + expression heads (the expression's part held fixed)"}
 
 
 def head_maps(

@@ -47,6 +47,10 @@ _EXPORTS = {
     "mean_pooled_features": "raw",
     "load_metrics": "evaluate",
     "write_report": "report",
+    "HeatmapEvaluation": "heatmaps",
+    "evaluate_heatmaps": "heatmaps",
+    "write_heatmap_report": "heatmaps",
+    "write_heatmap_results": "heatmaps",
     "ExportResult": "export",
     "export_bundle": "export",
 }

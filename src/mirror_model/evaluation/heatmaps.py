@@ -55,6 +55,7 @@ import numpy as np
 
 from .._progress import ProgressFn, StopFn, check_cancel, report
 from ..errors import ConfigError
+from .metrics import binary_auroc
 
 __all__ = [
     "HeatmapEvaluation",
@@ -62,8 +63,12 @@ __all__ = [
     "evaluate_heatmaps",
     "find_masks",
     "mask_downsample",
+    "map_rows",
     "read_region_mask",
+    "summary_table",
     "tile_region_fraction",
+    "write_heatmap_report",
+    "write_heatmap_results",
 ]
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -197,18 +202,6 @@ def tile_region_fraction(
 # --------------------------------------------------------------------------------------------
 # per-slide metrics
 # --------------------------------------------------------------------------------------------
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Binary AUROC (Mann–Whitney, ties count half); nan with one class only."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(labels, dtype=bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    r = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def mass_ratio(values: np.ndarray, region: np.ndarray) -> float:
     """Share of the (non-negative) ``values``' sum on region tiles / the region's tile share."""
     v = np.asarray(values, dtype=np.float64)
@@ -604,8 +597,8 @@ def _score_slide(
         )
         order = np.lexsort((np.arange(n), -v))
         m: dict[str, Any] = {
-            "auroc": auroc(region, v),
-            "auroc_abs": auroc(region, np.abs(v)),
+            "auroc": binary_auroc(region, v),
+            "auroc_abs": binary_auroc(region, np.abs(v)),
             "mass_ratio": mass_ratio(np.clip(v, 0.0, None) if is_signed else v - min(v.min(), 0.0), region),
             "abs_mass_ratio": mass_ratio(np.abs(v), region),
         }
@@ -656,19 +649,24 @@ def _fmt(s: dict[str, Any] | None, digits: int = 3) -> str:
 
 def summary_table(result: HeatmapEvaluation) -> str:
     """The Markdown table of :func:`write_heatmap_report` (also printed by the command)."""
+    return "\n".join(map_rows(result.summary))
+
+
+def map_rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Markdown table rows (header first) of a ``heatmaps.json`` ``"maps"`` summary."""
     lines = [
         "| map | AUROC vs region | AUROC of \\|map\\| | mass / share | \\|mass\\| / share "
         "| deletion ratio | deletion ratio (risk) | top removal lowers output |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in result.summary.items():
+    for name, m in summary.items():
         lines.append(
             f"| {_ROW_LABELS.get(name, name)} (`{name}`) | {_fmt(m.get('auroc'))} "
             f"| {_fmt(m.get('auroc_abs'))} | {_fmt(m.get('mass_ratio'), 2)} "
             f"| {_fmt(m.get('abs_mass_ratio'), 2)} | {_fmt(m.get('deletion_ratio'), 2)} "
             f"| {_fmt(m.get('deletion_ratio_risk'), 2)} | {_fmt(m.get('deletion_lowers'), 2)} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def write_heatmap_report(
