@@ -42,15 +42,15 @@ def test_display_range_signed_is_symmetric_and_robust_to_one_outlier():
 # attribution on models whose answer is known by construction
 # ------------------------------------------------------------------------------------------
 class _MarkedEncoder:
-    """A slide encoder whose embedding depends only on the tiles in ``marked``:
-    ``tanh(W · mean of the marked tiles' features)``."""
+    """A slide encoder whose embedding depends only on the *marked* tiles (feature 0 > 0):
+    ``tanh(W · mean of the marked tiles' other features)`` (0 for a bag without marked tiles).
+    The mark is a hard threshold, so it carries no gradient itself."""
 
-    def __init__(self, patch_dim, dim, marked, seed=0):
+    def __init__(self, patch_dim, dim, seed=0):
         import torch
 
         g = torch.Generator().manual_seed(seed)
-        self.w = torch.randn(dim, patch_dim, generator=g) / patch_dim**0.5
-        self.marked = torch.as_tensor(marked)
+        self.w = torch.randn(dim, patch_dim - 1, generator=g) / patch_dim**0.5
 
     def parameters(self):
         return []
@@ -61,7 +61,8 @@ class _MarkedEncoder:
         import torch
 
         x = x if x.dim() == 3 else x[None]
-        pooled = x[:, self.marked].mean(dim=1)
+        marked = (x[..., :1] > 0).to(x.dtype)
+        pooled = (marked * x[..., 1:]).sum(1) / marked.sum(1).clamp(min=1.0)
         emb = torch.tanh(pooled @ self.w.T)
         att = torch.full(x.shape[:2], 1.0 / x.shape[1])
         return SimpleNamespace(embedding=emb, attention=att)
@@ -75,18 +76,21 @@ def _heads(dim, classes, seed=1):
     return SlideHeads("slide", tuple(classes), lw, np.zeros(len(classes)), rng.normal(size=dim), 0.1)
 
 
+@pytest.mark.parametrize("method", ["tile-alone", "gradient"])
 @pytest.mark.parametrize("classes", [("A", "B"), ("A", "B", "C")])
-def test_maps_rank_the_only_tiles_that_matter_first(classes):
+def test_maps_rank_the_only_tiles_that_matter_first(classes, method):
     import torch
 
     from mirror_model.maps import head_maps
 
     n, dp, d = 60, 12, 8
     marked = np.array([3, 17, 18, 40, 59])
-    enc = _MarkedEncoder(dp, d, marked)
+    enc = _MarkedEncoder(dp, d)
     heads = _heads(d, classes)
     rng = np.random.default_rng(0)
     x = (0.1 * rng.normal(size=(n, dp))).astype(np.float32)
+    x[:, 0] = -10.0
+    x[marked, 0] = 10.0
     # move the marked tiles along the direction that raises class A's centred logit (and risk):
     # they are evidence FOR A and for higher risk, everything else is evidence for nothing
     centred = heads.logit_weights - heads.logit_weights.mean(0)
@@ -94,14 +98,16 @@ def test_maps_rank_the_only_tiles_that_matter_first(classes):
     up_r = np.linalg.pinv(enc.w.numpy()) @ heads.risk_weights
     for up, name in ((up_a, f"subtype:{classes[0]}"), (up_r, "risk")):
         xx = x.copy()
-        xx[marked] += 0.5 * up / np.linalg.norm(up)
-        maps = head_maps(enc, torch.from_numpy(xx), heads)
+        xx[marked, 1:] += 0.5 * up / np.linalg.norm(up)
+        maps = head_maps(enc, torch.from_numpy(xx), heads, method=method)
         assert list(maps) == [*(f"subtype:{c}" for c in classes), "risk"]
         v = maps[name].values
         assert set(np.argsort(-v)[: marked.size]) == set(marked.tolist())
         others = np.setdiff1d(np.arange(n), marked)
-        for m in maps.values():  # tiles the encoder ignores carry no evidence at all
-            assert np.all(m.values[others] == 0.0) and m.signed
+        for m in maps.values():  # tiles the encoder ignores are all alike: no evidence
+            assert np.ptp(m.values[others]) < 1e-9 and m.signed
+            if method == "gradient":  # ... and exactly none by attribution
+                assert np.all(m.values[others] == 0.0)
         # subtype maps are centred logits: they sum to zero over the classes, tile by tile
         total = sum(maps[f"subtype:{c}"].values for c in classes)
         np.testing.assert_allclose(total, 0.0, atol=1e-9)
@@ -172,3 +178,20 @@ def test_predict_returns_a_map_per_output_with_and_without_expression(case):
     a, b = slide.maps[names[1]].values, both.maps[names[1]].values
     assert not np.allclose(a, b)
     assert slide.maps["attention"].values == pytest.approx(both.maps["attention"].values)
+
+
+def test_tile_alone_scores_are_one_tile_slides_through_the_real_encoder():
+    import torch
+
+    from mirror_model.maps import tile_alone_scores
+    from mirror_model.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mirror", patch_dim=16, embed_dim=32, n_prototypes=8).eval()
+    x = torch.randn(70, 16)
+    dirs = np.random.default_rng(1).normal(size=(3, 32))
+    got = tile_alone_scores(model, x, dirs, batch_size=16)  # several batches
+    with torch.no_grad():
+        one = np.stack([model.encode_slide(x[i : i + 1]).embedding[0].double().numpy()
+                        for i in range(70)]) @ dirs.T
+    np.testing.assert_allclose(got, (one - one.mean(0)).T, atol=1e-5)

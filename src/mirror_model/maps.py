@@ -295,11 +295,56 @@ SUBTYPE_PREFIX = "subtype:"
 _HEAD_INPUT = {"slide": "the slide-only heads", "both": "the slide + expression heads (the expression's part held fixed)"}
 
 
+def tile_alone_scores(
+    model: Any,
+    features: Any,
+    directions: Any,
+    *,
+    batch_size: int = 4096,
+    precision: str = "fp32",
+    should_stop: Any = None,
+) -> np.ndarray:
+    """Read-outs of every tile encoded as a slide of its own, centred on the slide's mean.
+
+    Each tile ``i`` is passed through the frozen slide encoder as a one-tile bag, giving the
+    embedding ``s({x_i})`` of "a slide made of this tissue"; the read-outs
+    ``directions[k] · s({x_i})`` minus their mean over the slide's tiles are returned. One
+    batched forward pass for all read-outs (no gradients), so the cost does not grow with
+    their number.
+
+    Returns
+    -------
+    np.ndarray
+        ``[K, N]`` float64.
+    """
+    import torch
+
+    from ._device import autocast
+    from ._progress import check_cancel
+
+    x = features
+    w = torch.as_tensor(np.asarray(directions, dtype=np.float32), device=x.device)
+    out = torch.empty(w.shape[0], x.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            check_cancel(should_stop, "maps")
+            with autocast(x.device, precision):
+                emb = model.encode_slide(x[i : i + batch_size, None, :]).embedding
+            out[:, i : i + batch_size] = (emb.float() @ w.T).T.double().cpu()
+    vals = out.numpy()
+    return vals - vals.mean(axis=1, keepdims=True)
+
+
+#: Map methods of :func:`head_maps`.
+MAP_METHODS = ("tile-alone", "gradient")
+
+
 def head_maps(
     model: Any,
     features: Any,
     heads: SlideHeads,
     *,
+    method: str = "tile-alone",
     steps: int = 1,
     precision: str = "fp32",
     should_stop: Any = None,
@@ -320,14 +365,26 @@ def head_maps(
         dirs.append(heads.risk_weights)
     if not dirs:
         return {}
-    vals = attribute_tiles(
-        model, features, np.stack(dirs), steps=steps, precision=precision, should_stop=should_stop
-    )
-    method = (
-        "gradient × input through the frozen slide encoder"
-        if steps == 1
-        else f"integrated gradients ({steps} steps) through the frozen slide encoder"
-    ) + ", baseline = the slide's mean tile"
+    if method == "tile-alone":
+        vals = tile_alone_scores(
+            model, features, np.stack(dirs), precision=precision, should_stop=should_stop
+        )
+        how = (
+            "each tile encoded alone by the frozen slide encoder (a one-tile slide) and read by "
+            "the head, minus the slide's mean over tiles"
+        )
+    elif method == "gradient":
+        vals = attribute_tiles(
+            model, features, np.stack(dirs), steps=steps, precision=precision,
+            should_stop=should_stop,
+        )
+        how = (
+            "gradient × input through the frozen slide encoder"
+            if steps == 1
+            else f"integrated gradients ({steps} steps) through the frozen slide encoder"
+        ) + ", baseline = the slide's mean tile"
+    else:
+        raise ValueError(f"map method must be one of {', '.join(MAP_METHODS)}; got {method!r}")
     used = _HEAD_INPUT[heads.kind]
     out: dict[str, TileMap] = {}
     if heads.logit_weights is not None:
@@ -344,9 +401,8 @@ def head_maps(
                     f"slide; explains {used}."
                 ),
                 signed=True,
-                method=method,
-                units="log-odds (logit) units; the tiles sum to about the slide's logit "
-                "difference from its mean tile",
+                method=how,
+                units="log-odds (logit) units",
             )
     if heads.risk_weights is not None:
         out[RISK] = TileMap(
@@ -359,7 +415,7 @@ def head_maps(
                 f"{used}."
             ),
             signed=True,
-            method=method,
+            method=how,
             units="Cox risk-score (log hazard ratio) units",
         )
     return out

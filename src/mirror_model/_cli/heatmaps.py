@@ -4,6 +4,10 @@ Scores every map (subtype, risk, attention) and two baselines (feature norm, ran
 run's held-out slides against region masks (AUROC, mass on the region) and without masks by
 the deletion test; writes ``DIR/heatmaps.json``, ``DIR/heatmap_slides.json`` and
 ``DIR/report.md`` with example slides. See :mod:`mirror_model.evaluation.heatmaps`.
+
+Each fold's bundle is exported to ``DIR/bundles/fold_<k>.mirror`` and reused when the command
+runs again on the same run (or when it was exported there beforehand with
+``mirror-train export --run RUN --fold k --out DIR/bundles/fold_<k>.mirror``).
 """
 
 from __future__ import annotations

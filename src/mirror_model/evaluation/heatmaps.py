@@ -358,7 +358,6 @@ def evaluate_heatmaps(
     """
     import tempfile
 
-    from ..bundle import export_bundle, load_bundle
     from ..cohort import read_cohort
     from ..features import read_features
     from ..slide import open_slide
@@ -430,11 +429,8 @@ def evaluate_heatmaps(
         for i, (k, row) in enumerate(jobs):
             check_cancel(should_stop, "heatmap evaluation")
             if k not in bundles:
-                path = bundle_dir / f"fold_{k}.mirror"
                 report(progress, i, len(jobs), f"exporting fold {k}")
-                if not path.is_file():
-                    export_bundle(run.run_dir, path, fold=k, should_stop=should_stop)
-                bundles = {k: load_bundle(path)}  # one fold's model in memory at a time
+                bundles = {k: _fold_bundle(run.run_dir, k, bundle_dir, should_stop)}
             sid = str(row["slide_id"])
             rec = _score_slide(
                 bundles[k],
@@ -473,6 +469,32 @@ def evaluate_heatmaps(
         "region_share": float(np.mean([r["region_share"] for r in records])),
     }
     return HeatmapEvaluation(summarize_slides(records), records, settings, descriptions)
+
+
+def _fold_bundle(run_dir: Path, fold: int, bundle_dir: Path, should_stop: StopFn | None) -> Any:
+    """The fold's bundle, exported into ``bundle_dir`` once; a bundle found there is reused
+    only when it is this run's fold (so an interrupted evaluation resumes cheaply, and bundles
+    exported beforehand with ``mirror-train export --fold k`` are used)."""
+    from ..bundle import load_bundle
+    from ..errors import BundleError
+    from .export import export_bundle
+
+    path = bundle_dir / f"fold_{fold}.mirror"
+    if path.is_file():
+        try:
+            b = load_bundle(path)
+            info = json.loads((Path(run_dir) / f"fold_{fold}" / "model.json").read_text())
+            src, tr = b.document.get("source") or {}, b.document.get("training") or {}
+            same = (
+                src.get("run") == Path(run_dir).resolve().name
+                and src.get("fold") == fold
+                and tr.get("best_val_loss") == info.get("best_val_loss")
+            )
+            if same:
+                return b
+        except (BundleError, OSError, ValueError):
+            pass
+    return export_bundle(run_dir, path, fold=fold, should_stop=should_stop).bundle
 
 
 def _score_slide(
