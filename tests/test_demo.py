@@ -137,3 +137,8 @@ def _check_heatmap_numbers(out, m):
     assert h["tumour_auroc"] == pytest.approx(np.mean(list(means.values())), abs=1e-12)
     for k, v in h["per_fold"].items():
         assert v == pytest.approx(means[int(k)])
+    # the headline repeats evaluate's numbers for the best input
+    for key, task, metric in (("auroc_macro", "subtype_linear", "auroc_macro"),
+                              ("c_index", "survival_cox", "c_index")):  # fmt: skip
+        head = m["headline"][key]
+        assert head["mean"] == m[task][head["input"]][metric]["mean"]

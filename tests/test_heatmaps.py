@@ -52,8 +52,19 @@ def test_masks_found_read_and_matched_to_the_slide(tmp_path):
     assert found["s1"].suffix == ".png" and found["s2"].suffix == ".tif"
     np.testing.assert_array_equal(read_region_mask(found["s1"]), [[False, True], [False, True]])
     assert read_region_mask(found["s2"]).sum() == 1
-    with pytest.raises(ConfigError, match=r"no mask for 2 of the 3 .*s3, s4.*--skip-missing"):
+    # a missing mask names the slide, the file expected, and the others missing
+    with pytest.raises(ConfigError) as e:
         find_masks(tmp_path, ["s1", "s3", "s4"])
+    msg = str(e.value)
+    assert "no mask for slide s3" in msg and str(tmp_path / "s3.png") in msg
+    assert "1 more (s4)" in msg and "2 of the 3" in msg and "--skip-missing" in msg
+    # a misnamed one (other case, a suffix) is pointed out with the name it needs
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "s3_mask.png")
+    (tmp_path / "s4.PNG").write_bytes((tmp_path / "s1.png").read_bytes())
+    with pytest.raises(ConfigError, match=r"Found s3_mask\.png: rename it to s3\.png"):
+        find_masks(tmp_path, ["s3"])
+    with pytest.raises(ConfigError, match=r"Found s4\.PNG: rename it to s4\.png"):
+        find_masks(tmp_path, ["s4"])
     # downsample from the size ratio; sides rounded up by one pixel are fine
     assert mask_downsample((128, 128), (2048, 2048)) == pytest.approx(16.0)
     assert mask_downsample((63, 101), (6400, 4000)) == pytest.approx(63.43, abs=0.1)
@@ -180,3 +191,52 @@ def test_cli_heatmaps_clear_errors_for_missing_and_foreign_masks(tiny, tmp_path,
     assert main([*args, "--skip-missing"]) == 2
     err = capsys.readouterr().err
     assert other.name in err and "aspect ratios differ" in err
+
+
+@pytest.mark.slow
+def test_cli_heatmaps_auroc_on_masks_with_a_known_answer(tiny, tmp_path, capsys):
+    """Masks drawn from the features themselves: the region is the tiles whose feature norm is
+    above the slide's median, drawn at 4 level-0 px per mask px (not the cohort's 16). The
+    feature-norm baseline must then score AUROC 1 on every slide and fold, the region must be
+    half of the tiles, the downsample 4 must be read from the size ratio; a second map method
+    is scored beside the first under ``<map>@<method>``."""
+    from PIL import Image
+
+    from mirror_model.cli import main
+    from mirror_model.features import read_features
+    from mirror_model.slide import open_slide
+
+    root, cohort, run = tiny
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    import pandas as pd
+
+    table = pd.read_csv(cohort / "cohort.csv")
+    for _, row in table.iterrows():
+        ff = read_features(root / "features" / f"{row.slide_id}.h5")
+        with open_slide(cohort / row.slide_path) as sl:
+            w0, h0 = sl.dimensions
+        norm = np.linalg.norm(ff.features.astype(np.float64), axis=1)
+        m = np.zeros((int(np.ceil(h0 / 4)), int(np.ceil(w0 / 4))), np.uint8)
+        t = ff.patch_size_level0 // 4
+        for (x, y), hi in zip(ff.coords_level0 // 4, norm > np.median(norm), strict=True):
+            if hi:
+                m[y : y + t, x : x + t] = 200
+        Image.fromarray(m).save(masks / f"{row.slide_id}.png")
+    out = tmp_path / "hm"
+    rc = main(["heatmaps", "--run", str(run), "--cohort", str(cohort / "cohort.csv"), "--masks",
+               str(masks), "--out", str(out), "--draws", "2", "--examples", "0", "--quiet",
+               "--methods", "tile-alone,gradient"])
+    assert rc == 0
+    capsys.readouterr()
+    doc = json.loads((out / "heatmaps.json").read_text())
+    assert doc["settings"]["methods"] == ["tile-alone", "gradient"]
+    fn = doc["maps"]["feature_norm"]
+    assert fn["auroc"]["mean"] == pytest.approx(1.0) and fn["auroc"]["min_fold"] == pytest.approx(1.0)
+    assert abs(doc["maps"]["random"]["auroc"]["mean"] - 0.5) < 0.15
+    assert {"subtype:true@gradient", "risk@gradient"} <= set(doc["maps"])
+    slides = json.loads((out / "heatmap_slides.json").read_text())
+    for r in slides:
+        assert r["mask_downsample"] == pytest.approx(4.0)
+        assert r["region_share"] == pytest.approx(0.5, abs=1.0 / r["n_tiles"])
+        assert r["maps"]["feature_norm"]["auroc"] == pytest.approx(1.0)

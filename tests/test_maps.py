@@ -113,6 +113,78 @@ def test_maps_rank_the_only_tiles_that_matter_first(classes, method):
         np.testing.assert_allclose(total, 0.0, atol=1e-9)
 
 
+class _MeanEncoder:
+    """``tanh`` of the mean tile: the slide embedding is monotone in each feature's mean."""
+
+    def parameters(self):
+        return []
+
+    def encode_slide(self, x, tile_mask=None):
+        from types import SimpleNamespace
+
+        import torch
+
+        x = x if x.dim() == 3 else x[None]
+        return SimpleNamespace(embedding=torch.tanh(x.mean(1)),
+                               attention=torch.full(x.shape[:2], 1.0 / x.shape[1]))
+
+
+@pytest.mark.parametrize("method", ["tile-alone", "gradient"])
+def test_a_head_reading_one_feature_ranks_tiles_by_that_feature(method):
+    """Risk reads feature 2 only, class B's logit feature 5 against A: the risk map orders the
+    tiles exactly as feature 2 does, B's map as feature 5 (and A's reversed)."""
+    import torch
+
+    from mirror_model.maps import SlideHeads, head_maps
+
+    n, d = 300, 8
+    x = np.random.default_rng(3).normal(scale=0.5, size=(n, d)).astype(np.float32)
+    e = np.eye(d)
+    heads = SlideHeads("slide", ("A", "B"), np.stack([np.zeros(d), e[5]]), np.zeros(2), e[2], 0.0)
+    maps = head_maps(_MeanEncoder(), torch.from_numpy(x), heads, method=method)
+    order = lambda v: np.argsort(-v, kind="stable")  # noqa: E731
+    np.testing.assert_array_equal(order(maps["risk"].values), order(x[:, 2]))
+    np.testing.assert_array_equal(order(maps["subtype:B"].values), order(x[:, 5]))
+    np.testing.assert_array_equal(order(maps["subtype:A"].values), order(-x[:, 5]))
+    # closed forms: tile-alone = the tile's own read-out minus the slide's mean read-out;
+    # gradient x input = slope at the midpoint (the mean tile) x distance from the mean tile
+    for name, j, scale in (("risk", 2, 1.0), ("subtype:B", 5, 0.5)):
+        xj = x[:, j].astype(np.float64)
+        if method == "tile-alone":
+            want = np.tanh(xj) - np.tanh(xj).mean()
+        else:
+            want = (1 - np.tanh(xj.mean()) ** 2) * (xj - xj.mean()) / n
+        np.testing.assert_allclose(maps[name].values, scale * want, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["tile-alone", "gradient"])
+def test_flipping_a_heads_sign_flips_its_map_through_the_real_encoder(method):
+    """The map's orientation is the head's: negate the risk weights (or every class's logit
+    weights) and the map is negated, tile by tile; swap the two classes of a binary probe and
+    the two subtype maps swap. Nothing in the maps depends on the encoder's own orientation."""
+    import torch
+
+    from mirror_model.maps import SlideHeads, head_maps
+    from mirror_model.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mirror", patch_dim=16, embed_dim=32, n_prototypes=8).eval()
+    x = torch.randn(120, 16)
+    rng = np.random.default_rng(2)
+    lw, rw = rng.normal(size=(3, 32)), rng.normal(size=32)
+    kw = {"method": method}
+    a = head_maps(model, x, SlideHeads("slide", ("p", "q", "r"), lw, np.zeros(3), rw, 0.3), **kw)
+    b = head_maps(model, x, SlideHeads("slide", ("p", "q", "r"), -lw, np.ones(3), -rw, -2.0), **kw)
+    for name in a:
+        assert np.abs(a[name].values).max() > 1e-6
+        np.testing.assert_allclose(b[name].values, -a[name].values, rtol=1e-4, atol=1e-7)
+    w2 = np.stack([np.zeros(32), lw[0]])
+    c = head_maps(model, x, SlideHeads("slide", ("p", "q"), w2, np.zeros(2), rw, 0.0), **kw)
+    f = head_maps(model, x, SlideHeads("slide", ("q", "p"), -w2, np.zeros(2), rw, 0.0), **kw)
+    np.testing.assert_allclose(c["subtype:p"].values, f["subtype:p"].values, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(c["subtype:p"].values, -c["subtype:q"].values, atol=1e-9)
+
+
 def test_integrated_gradients_are_complete_on_the_real_slide_encoder():
     """Summed over tiles, integrated gradients give f(X) − f(mean tile) (completeness), through
     the real TransMIL encoder; gradient × input (1 step) approximates it."""

@@ -50,7 +50,7 @@ from ._kinds import input_kind
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
 from .ids import match_sample, slide_stem
-from .maps import ATTENTION, TileMap, attention_map, rank_tiles
+from .maps import ATTENTION, MAP_METHODS, TileMap, attention_map, rank_tiles
 
 __all__ = [
     "Prediction",
@@ -418,7 +418,7 @@ def predict(
     batch_size: int = 64,
     num_workers: int = 2,
     nan_policy: str = "error",
-    maps: bool = True,
+    maps: bool | str = True,
 ) -> Prediction:
     """Run a model bundle on one patient's slide and/or expression profile.
 
@@ -455,7 +455,9 @@ def predict(
         bundle's training medians), ``"zero"`` or ``"drop-genes"`` (see
         :func:`~mirror_model.expression.read_expression`).
     maps : compute the subtype and risk maps (``Prediction.maps``) besides the encoder's
-        attention; False skips them (the attention map is always there).
+        attention: True (the default method, ``"tile-alone"``), a method name of
+        :data:`mirror_model.maps.MAP_METHODS`, or False to skip them (the attention map is
+        always there).
 
     Returns
     -------
@@ -474,6 +476,10 @@ def predict(
     from ._device import resolve_device, resolve_precision
     from .bundle import SYNTHETIC_WARNING, Bundle, load_bundle
 
+    if not isinstance(maps, bool) and maps not in MAP_METHODS:
+        raise ConfigError(
+            f"maps = {maps!r} is invalid: must be True, False or one of {', '.join(MAP_METHODS)}."
+        )
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     have_slide, have_rna = _check_inputs(
@@ -528,7 +534,7 @@ def predict(
     with timer.stage("heads"):
         _apply_heads(bundle, pred, tuple(modalities))
     if slide is not None and maps:
-        _maps_stage(run, pred, slide)
+        _maps_stage(run, pred, slide, "tile-alone" if maps is True else str(maps))
     timer.total()
     pred.timings_s = timer.t
     return pred
@@ -662,7 +668,7 @@ def _slide_encoder_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> N
     report(run.progress, 1, 1, "slide encoder")
 
 
-def _maps_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> None:
+def _maps_stage(run: _Run, pred: Prediction, slide: SlideFeatures, method: str) -> None:
     """Subtype and risk maps of the heads that made the prediction (``pred.input_kind``)."""
     if pred.input_kind not in ("slide", "both"):
         return
@@ -676,7 +682,12 @@ def _maps_stage(run: _Run, pred: Prediction, slide: SlideFeatures) -> None:
         heads = slide_heads(run.bundle, pred.input_kind, pred.rna_embedding)
         x = torch.from_numpy(slide.features).to(run.dev)
         pred.maps.update(
-            head_maps(run.model, x, heads, precision=run.prec, should_stop=run.should_stop)
+            head_maps(
+                run.model, x, heads, method=method, precision=run.prec,
+                positions=slide.positions() if getattr(run.model, "needs_positions", False)
+                else None,
+                should_stop=run.should_stop,
+            )
         )
     report(run.progress, 1, 1, "maps")
 

@@ -234,6 +234,7 @@ def attribute_tiles(
     *,
     steps: int = 1,
     precision: str = "fp32",
+    positions: Any = None,
     should_stop: Any = None,
 ) -> np.ndarray:
     """Per-tile attribution of linear read-outs of the slide embedding.
@@ -253,6 +254,8 @@ def attribute_tiles(
     directions : ``[K, D]`` read-out directions (tensor or array).
     steps : path steps (1 = gradient × input).
     precision : "fp32" or "bf16" (autocast).
+    positions : ``[N, 2]`` lattice cells of the tiles, passed to encoders that need them
+        (``model.needs_positions``); ignored otherwise.
     should_stop : polled between backward passes (raises Cancelled).
 
     Returns
@@ -268,6 +271,7 @@ def attribute_tiles(
     x = features
     dev = x.device
     w = torch.as_tensor(np.asarray(directions, dtype=np.float32), device=dev)
+    kw = encoder_kwargs(model, positions, x.shape[0], dev)
     base = x.mean(dim=0, keepdim=True)
     delta = x - base
     total = torch.zeros(w.shape[0], x.shape[0], dtype=torch.float64, device=dev)
@@ -279,7 +283,7 @@ def attribute_tiles(
             check_cancel(should_stop, "maps")
             xa = (base + float(alpha) * delta).requires_grad_(True)
             with torch.enable_grad(), autocast(dev, precision):
-                out = model.encode_slide(xa).embedding[0].float() @ w.T
+                out = model.encode_slide(xa, **kw).embedding[0].float() @ w.T
             for k in range(w.shape[0]):
                 (g,) = torch.autograd.grad(out[k], xa, retain_graph=k < w.shape[0] - 1)
                 total[k] += (g.float() * delta).sum(dim=1).double()
@@ -288,6 +292,21 @@ def attribute_tiles(
         for p in params:
             p.requires_grad_(True)
     return (total / steps).cpu().numpy()
+
+
+def encoder_kwargs(model: Any, positions: Any, n_tiles: int, device: Any) -> dict[str, Any]:
+    """``encode_slide`` keywords for a bag of ``n_tiles``: ``positions=`` ``[N, 2]`` lattice
+    cells when the model's slide encoder needs them (``model.needs_positions``), else none."""
+    if not getattr(model, "needs_positions", False):
+        return {}
+    import torch
+
+    if positions is None:
+        raise ValueError("this slide encoder needs the tiles' lattice cells (positions=)")
+    pos = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=device)
+    if tuple(pos.shape) != (n_tiles, 2):
+        raise ValueError(f"positions must have shape ({n_tiles}, 2); got {tuple(pos.shape)}")
+    return {"positions": pos}
 
 
 RISK = "risk"
@@ -310,7 +329,8 @@ def tile_alone_scores(
     embedding ``s({x_i})`` of "a slide made of this tissue"; the read-outs
     ``directions[k] · s({x_i})`` minus their mean over the slide's tiles are returned. One
     batched forward pass for all read-outs (no gradients), so the cost does not grow with
-    their number.
+    their number. An encoder that needs tile positions gets lattice cell (0, 0) for each
+    one-tile slide (it has no neighbours).
 
     Returns
     -------
@@ -325,11 +345,15 @@ def tile_alone_scores(
     x = features
     w = torch.as_tensor(np.asarray(directions, dtype=np.float32), device=x.device)
     out = torch.empty(w.shape[0], x.shape[0], dtype=torch.float64)
+    needs = bool(getattr(model, "needs_positions", False))
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             check_cancel(should_stop, "maps")
+            xb = x[i : i + batch_size, None, :]
+            # a one-tile slide sits in lattice cell (0, 0)
+            kw = {"positions": xb.new_zeros(xb.shape[0], 1, 2, dtype=torch.long)} if needs else {}
             with autocast(x.device, precision):
-                emb = model.encode_slide(x[i : i + batch_size, None, :]).embedding
+                emb = model.encode_slide(xb, **kw).embedding
             out[:, i : i + batch_size] = (emb.float() @ w.T).T.double().cpu()
     vals = out.numpy()
     return vals - vals.mean(axis=1, keepdims=True)
@@ -347,6 +371,7 @@ def head_maps(
     method: str = "tile-alone",
     steps: int = 1,
     precision: str = "fp32",
+    positions: Any = None,
     should_stop: Any = None,
 ) -> dict[str, TileMap]:
     """The maps of the displayed outputs: ``"subtype:<class>"`` per class, then ``"risk"``.
@@ -355,7 +380,11 @@ def head_maps(
     the centred logit of their class (its logit minus the mean of all class logits: the log-odds
     of that class against the average class); they sum to zero over the classes, so the last
     one is computed as minus the sum of the others (attribution is linear in the read-out). The
-    risk map explains the Cox risk score. See :func:`attribute_tiles`.
+    risk map explains the Cox risk score.
+
+    ``method``: ``"tile-alone"`` (default; :func:`tile_alone_scores`) or ``"gradient"``
+    (:func:`attribute_tiles`, ``steps`` > 1 = integrated gradients). ``positions``: the tiles'
+    ``[N, 2]`` lattice cells, for encoders that need them (see :func:`encoder_kwargs`).
     """
     dirs: list[np.ndarray] = []
     if heads.logit_weights is not None:
@@ -376,7 +405,7 @@ def head_maps(
     elif method == "gradient":
         vals = attribute_tiles(
             model, features, np.stack(dirs), steps=steps, precision=precision,
-            should_stop=should_stop,
+            positions=positions, should_stop=should_stop,
         )
         how = (
             "gradient × input through the frozen slide encoder"

@@ -54,6 +54,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--examples", type=int, default=3, help="example slides in the report")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline/draws")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated map methods to compare (tile-alone, gradient); the first gives "
+        "the plain map names, the others <map>@<method> (default: the method predict uses)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, auto (default cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             draws=args.draws,
             skip_missing=args.skip_missing,
             seed=args.seed,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
             device=args.device,
             progress=bar,
         )

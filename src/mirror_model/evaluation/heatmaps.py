@@ -18,6 +18,11 @@ with exactly the maps a user gets. Scored maps:
 ``feature_norm``, ``random``
     Baselines: the L2 norm of each tile's feature vector, and uniform noise.
 
+The subtype and risk maps are those of ``predict(..., maps=methods[0])`` (by default the
+method ``predict`` uses); every further method of ``methods`` adds the same three maps computed
+with it, named ``<map>@<method>`` (e.g. ``subtype:true@gradient``), so candidate methods are
+compared on the same slides, folds and random draws.
+
 Per slide and map (tiles are "in the region" when at least ``threshold`` of their area is
 non-zero in the slide's mask):
 
@@ -73,8 +78,10 @@ __all__ = [
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 BASELINES = ("feature_norm", "random")
-#: Map names scored, in report order.
+#: Map names scored, in report order (maps of further methods follow as ``<name>@<method>``).
 SCORED_MAPS = ("subtype:true", "subtype:predicted", "risk", "attention", *BASELINES)
+#: The maps that a map method computes (the rest do not depend on it).
+METHOD_MAPS = ("subtype:true", "subtype:predicted", "risk")
 METRICS = (
     "auroc",
     "auroc_abs",
@@ -112,13 +119,33 @@ def find_masks(masks_dir: str | os.PathLike[str], slide_ids: list[str]) -> dict[
         else:
             missing.append(sid)
     if missing:
-        shown = ", ".join(missing[:10]) + (f", … ({len(missing)} in all)" if len(missing) > 10 else "")
+        first = missing[0]
+        others = f" and {len(missing) - 1} more ({', '.join(missing[1:6])}{', …' if len(missing) > 6 else ''})" if len(missing) > 1 else ""
+        near = _near_misses(d, first)
+        hint = (
+            f" Found {', '.join(p.name for p in near)}: rename it to {first}.png (the name must "
+            "be the slide ID exactly, with a .png, .tif or .tiff suffix)."
+            if near
+            else ""
+        )
         raise ConfigError(
-            f"{d} has no mask for {len(missing)} of the {len(slide_ids)} held-out slides: {shown}. "
-            "Expected one image per slide named <slide_id>.png or .tif (non-zero = region); "
+            f"no mask for slide {first}: expected {d / (first + '.png')} (or .tif / .tiff)"
+            f"{others}; {len(missing)} of the {len(slide_ids)} held-out slides have none.{hint} "
+            "Masks are one image per slide named <slide_id>.png or .tif (non-zero = region); "
             "use --skip-missing to score only the slides that have one."
         )
     return found
+
+
+def _near_misses(d: Path, slide_id: str) -> list[Path]:
+    """Files in ``d`` that look like a misnamed mask of ``slide_id`` (other case or suffix, or
+    the ID with a prefix/suffix such as ``_mask``)."""
+    sid = slide_id.lower()
+    out = []
+    for p in sorted(d.iterdir()):
+        if p.is_file() and sid in p.name.lower() and len(p.name) <= len(sid) + 16:
+            out.append(p)
+    return out[:3]
 
 
 def read_region_mask(path: str | os.PathLike[str]) -> np.ndarray:
@@ -294,7 +321,8 @@ def summarize_slides(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[
     """
     folds = sorted({int(r["fold"]) for r in records})
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    names = [n for n in SCORED_MAPS if any(n in r["maps"] for r in records)]
+    seen = list(dict.fromkeys(n for r in records for n in r["maps"]))
+    names = [n for n in SCORED_MAPS if n in seen] + [n for n in seen if n not in SCORED_MAPS]
     for name in names:
         per: dict[str, dict[int, float]] = {m: {} for m in METRICS}
         for k in folds:
@@ -333,6 +361,7 @@ def evaluate_heatmaps(
     draws: int = 10,
     skip_missing: bool = False,
     seed: int = 0,
+    methods: tuple[str, ...] | list[str] | None = None,
     device: str = "cpu",
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
@@ -355,6 +384,8 @@ def evaluate_heatmaps(
         draws per slide.
     skip_missing : score only the slides that have a mask instead of raising.
     seed : of the random baseline and the random deletions.
+    methods : map methods (:data:`mirror_model.maps.MAP_METHODS`); the first gives the plain
+        map names, the others ``<name>@<method>``. Default: the method ``predict`` uses.
     """
     import tempfile
 
@@ -370,6 +401,15 @@ def evaluate_heatmaps(
         raise ConfigError(f"the deletion fraction must be in (0, 1); got {fraction}.")
     if int(draws) < 1:
         raise ConfigError(f"draws must be at least 1; got {draws}.")
+    from ..maps import MAP_METHODS
+
+    methods = tuple(methods) if methods else (MAP_METHODS[0],)
+    bad = [m for m in methods if m not in MAP_METHODS]
+    if bad or len(set(methods)) != len(methods):
+        raise ConfigError(
+            f"map methods {', '.join(methods)} are invalid: give distinct names among "
+            f"{', '.join(MAP_METHODS)}."
+        )
     run = load_run(run_dir)
     if not run.folds:
         raise ConfigError(f"run {run_dir} has no trained fold yet; finish `mirror-train pretrain`.")
@@ -447,6 +487,7 @@ def evaluate_heatmaps(
                 open_slide=open_slide,
                 read_features=read_features,
                 descriptions=descriptions,
+                methods=methods,
             )
             kinds.add(rec["input_kind"])
             records.append(rec)
@@ -464,6 +505,7 @@ def evaluate_heatmaps(
         "deletion_fraction": fraction,
         "deletion_draws": int(draws),
         "seed": int(seed),
+        "methods": list(methods),
         "expression": None if expression is None else str(Path(expression).resolve()),
         "input_kind": sorted(kinds),
         "region_share": float(np.mean([r["region_share"] for r in records])),
@@ -513,11 +555,12 @@ def _score_slide(
     open_slide: Any,
     read_features: Any,
     descriptions: dict[str, str],
+    methods: tuple[str, ...],
 ) -> dict[str, Any]:
     import torch
 
     from ..inference import predict
-    from ..maps import slide_heads
+    from ..maps import encoder_kwargs, head_maps, slide_heads
 
     sid = str(row["slide_id"])
     kw: dict[str, Any] = {}
@@ -531,7 +574,10 @@ def _score_slide(
         if sample is None:
             raise ConfigError(f"the expression table has no sample for patient {row['patient_id']}.")
         kw["sample_id"] = sample
-    pred = predict(bundle, features_path=features_path, device=device, precision="fp32", **kw)
+    pred = predict(
+        bundle, features_path=features_path, device=device, precision="fp32", maps=methods[0],
+        **kw,
+    )
     ff = read_features(features_path)
     dims = pred.slide_dimensions
     slide_path = row.get("slide_path")
@@ -554,10 +600,12 @@ def _score_slide(
     heads = slide_heads(bundle, pred.input_kind, pred.rna_embedding)
     model = bundle.model
     x = torch.from_numpy(np.ascontiguousarray(ff.features, dtype=np.float32))
+    cells = ff.grid_positions() if getattr(model, "needs_positions", False) else None
 
     def embedding(keep: np.ndarray) -> np.ndarray:
+        kw = encoder_kwargs(model, None if cells is None else cells[keep], int(keep.sum()), x.device)
         with torch.no_grad():
-            return model.encode_slide(x[torch.from_numpy(keep)]).embedding[0].double().numpy()
+            return model.encode_slide(x[torch.from_numpy(keep)], **kw).embedding[0].double().numpy()
 
     cache: dict[bytes, np.ndarray] = {}
 
@@ -585,6 +633,15 @@ def _score_slide(
     if "risk" in pred.maps:
         maps["risk"] = pred.maps["risk"].values
         outputs["risk"] = risk
+    for method in methods[1:]:
+        other = head_maps(model, x, heads, method=method, precision="fp32", positions=cells)
+        for name, cls in (("subtype:true", true), ("subtype:predicted", pred.predicted_subtype)):
+            if name in maps:
+                maps[f"{name}@{method}"] = other[f"subtype:{cls}"].values
+                outputs[f"{name}@{method}"] = outputs[name]
+        if "risk" in other:
+            maps[f"risk@{method}"] = other["risk"].values
+            outputs[f"risk@{method}"] = risk
     maps["attention"] = pred.maps["attention"].values
     maps["feature_norm"] = np.linalg.norm(np.asarray(ff.features, np.float64), axis=1)
     maps["random"] = rng.random(pred.n_tiles)
@@ -613,8 +670,9 @@ def _score_slide(
         "maps": {},
     }
     for name, v in maps.items():
+        base = name.split("@")[0]
         is_signed = signed.get(
-            {"subtype:true": f"subtype:{true}", "subtype:predicted": f"subtype:{pred.predicted_subtype}"}.get(name, name),
+            {"subtype:true": f"subtype:{true}", "subtype:predicted": f"subtype:{pred.predicted_subtype}"}.get(base, base),
             False,
         )
         order = np.lexsort((np.arange(n), -v))
@@ -663,6 +721,12 @@ _ROW_LABELS = {
 }
 
 
+def _row_label(name: str) -> str:
+    base, _, method = name.partition("@")
+    label = _ROW_LABELS.get(base, base)
+    return f"{label}, {method}" if method else label
+
+
 def _fmt(s: dict[str, Any] | None, digits: int = 3) -> str:
     if not s or s.get("mean") is None:
         return "–"
@@ -683,7 +747,7 @@ def map_rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     ]
     for name, m in summary.items():
         lines.append(
-            f"| {_ROW_LABELS.get(name, name)} (`{name}`) | {_fmt(m.get('auroc'))} "
+            f"| {_row_label(name)} (`{name}`) | {_fmt(m.get('auroc'))} "
             f"| {_fmt(m.get('auroc_abs'))} | {_fmt(m.get('mass_ratio'), 2)} "
             f"| {_fmt(m.get('abs_mass_ratio'), 2)} | {_fmt(m.get('deletion_ratio'), 2)} "
             f"| {_fmt(m.get('deletion_ratio_risk'), 2)} | {_fmt(m.get('deletion_lowers'), 2)} |"
