@@ -185,6 +185,35 @@ def test_flipping_a_heads_sign_flips_its_map_through_the_real_encoder(method):
     np.testing.assert_allclose(c["subtype:p"].values, -c["subtype:q"].values, atol=1e-9)
 
 
+def test_maps_of_an_encoder_that_needs_tile_positions():
+    """A grid-PPEG encoder (tiles mixed with their lattice neighbours) gets the slide's cells
+    for the gradient method, cell (0, 0) for each one-tile slide; without cells: a clear error."""
+    import torch
+
+    from mirror_model.features import grid_positions
+    from mirror_model.maps import SlideHeads, head_maps
+    from mirror_model.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mirror", patch_dim=16, embed_dim=32, n_prototypes=8,
+                         ppeg_layout="grid").eval()
+    assert model.needs_positions
+    gy, gx = np.divmod(np.arange(80), 10)
+    cells = grid_positions(np.stack([gx, gy], 1) * 256, 256)
+    x = torch.randn(80, 16)
+    rng = np.random.default_rng(0)
+    heads = SlideHeads("slide", ("a", "b"), rng.normal(size=(2, 32)), np.zeros(2),
+                       rng.normal(size=32), 0.0)
+    for method in ("tile-alone", "gradient"):
+        maps = head_maps(model, x, heads, method=method, positions=cells)
+        assert all(np.all(np.isfinite(m.values)) and np.ptp(m.values) > 0 for m in maps.values())
+    # the gradient map depends on where the tiles are: shuffle the cells, another map
+    moved = head_maps(model, x, heads, method="gradient", positions=cells[rng.permutation(80)])
+    assert not np.allclose(moved["risk"].values, maps["risk"].values)
+    with pytest.raises(ValueError, match="lattice cells"):
+        head_maps(model, x, heads, method="gradient")
+
+
 def test_integrated_gradients_are_complete_on_the_real_slide_encoder():
     """Summed over tiles, integrated gradients give f(X) − f(mean tile) (completeness), through
     the real TransMIL encoder; gradient × input (1 step) approximates it."""
