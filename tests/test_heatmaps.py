@@ -11,6 +11,7 @@ from mirror_model.errors import ConfigError
 from mirror_model.evaluation.heatmaps import (
     deletion_effects,
     find_masks,
+    insertion_gain,
     mask_downsample,
     mass_ratio,
     n_removed,
@@ -93,6 +94,10 @@ def test_deletion_metric_on_a_constructed_case():
     # the reversed map removes the least important tiles: the output barely moves
     low, _ = deletion_effects(output, n, np.argsort(v), draws, fraction=0.1)
     assert 0 < low < 0.1 * rand
+    # insertion: a slide of the top tiles only against slides of the random draws only
+    gain = insertion_gain(output, n, np.argsort(-v), draws, fraction=0.1)
+    assert gain == pytest.approx(np.sort(v)[-k:].sum() - np.mean([v[d].sum() for d in draws]))
+    assert gain > 0 > insertion_gain(output, n, np.argsort(v), draws, fraction=0.1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ def test_cli_heatmaps_writes_the_documented_schema(tiny, capsys):
     assert folds == [0, 1] and doc["settings"]["n_slides"] == 10
     for name, metrics in doc["maps"].items():
         assert {"auroc", "auroc_abs", "mass_ratio", "abs_mass_ratio", "deletion_ratio",
-                "deletion_lowers"} <= set(metrics), name
+                "deletion_lowers", "insertion_gain"} <= set(metrics), name
         if name not in ("subtype:true", "subtype:predicted", "risk"):
             assert "deletion_ratio_risk" in metrics
         for m, s in metrics.items():
@@ -153,7 +158,7 @@ def test_cli_heatmaps_writes_the_documented_schema(tiny, capsys):
             assert s["mean"] == pytest.approx(np.mean(vals)) and s["min_fold"] == min(vals)
             if m.startswith("auroc") or m == "deletion_lowers":
                 assert all(0.0 <= v <= 1.0 for v in vals)
-            else:
+            elif m != "insertion_gain":  # signed
                 assert all(v >= 0.0 for v in vals)
     slides = json.loads((out / "heatmap_slides.json").read_text())
     assert len(slides) == 10 and {r["fold"] for r in slides} == {0, 1}

@@ -42,6 +42,10 @@ non-zero in the slide's mask):
     for the other maps the probability of the true class (``deletion_ratio``) and the risk
     (``deletion_ratio_risk``). ``deletion_lowers`` is the share of slides on which removing the
     top tiles lowered the output (a signed map's top tiles are evidence *for* it: expect ~1).
+``insertion_gain``
+    The other side of the same test: the output of a slide made of the map's top 10 % only,
+    minus that of slides made of the random 10 % draws only (output units; > 0 = the top
+    tiles alone carry the output up).
 
 Each metric is averaged over the fold's slides, then summarised over folds as
 ``{"mean", "sd", "min_fold", "per_fold"}``.
@@ -90,6 +94,7 @@ METRICS = (
     "deletion_ratio",
     "deletion_ratio_risk",
     "deletion_lowers",
+    "insertion_gain",
 )
 SCHEMA_VERSION = 1
 
@@ -263,6 +268,23 @@ def deletion_effects(
     return top, float(np.mean(rand))
 
 
+def insertion_gain(
+    output: Any, n_tiles: int, order: np.ndarray, random_sets: list[np.ndarray], *,
+    fraction: float = 0.1,
+) -> float:
+    """The insertion counterpart of :func:`deletion_effects`: the output of a slide made of the
+    top ``fraction`` of tiles only, minus the mean output of slides made of the random draws
+    only (> 0: the map's top tiles alone push the output up more than as many random tiles)."""
+
+    def only(idx: np.ndarray) -> float:
+        keep = np.zeros(n_tiles, dtype=bool)
+        keep[idx] = True
+        return float(output(keep))
+
+    top = only(np.asarray(order[: n_removed(n_tiles, fraction)]))
+    return top - float(np.mean([only(idx) for idx in random_sets]))
+
+
 def n_removed(n_tiles: int, fraction: float) -> int:
     """Tiles removed by the deletion test: ``ceil(fraction · N)``, at least 1."""
     return max(1, int(math.ceil(fraction * n_tiles)))
@@ -344,6 +366,9 @@ def summarize_slides(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[
             low = [x["deletion_top"] > 0 for x in rs if x.get("deletion_top") is not None]
             if low:
                 per["deletion_lowers"][k] = float(np.mean(low))
+            ins = [x["insertion_gain"] for x in rs if x.get("insertion_gain") is not None]
+            if ins:
+                per["insertion_gain"][k] = float(np.mean(ins))
         out[name] = {m: _summary_over_folds(v) for m, v in per.items() if v}
     return out
 
@@ -687,6 +712,7 @@ def _score_slide(
             m["deletion_top"], m["deletion_random"] = deletion_effects(
                 own, n, order, random_sets, fraction=fraction
             )
+            m["insertion_gain"] = insertion_gain(own, n, order, random_sets, fraction=fraction)
         if name not in outputs and "risk" in outputs:
             m["deletion_top_risk"], m["deletion_random_risk"] = deletion_effects(
                 risk, n, order, random_sets, fraction=fraction
@@ -742,15 +768,16 @@ def map_rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Markdown table rows (header first) of a ``heatmaps.json`` ``"maps"`` summary."""
     lines = [
         "| map | AUROC vs region | AUROC of \\|map\\| | mass / share | \\|mass\\| / share "
-        "| deletion ratio | deletion ratio (risk) | top removal lowers output |",
-        "|---|---|---|---|---|---|---|---|",
+        "| deletion ratio | deletion ratio (risk) | top removal lowers output | insertion gain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary.items():
         lines.append(
             f"| {_row_label(name)} (`{name}`) | {_fmt(m.get('auroc'))} "
             f"| {_fmt(m.get('auroc_abs'))} | {_fmt(m.get('mass_ratio'), 2)} "
             f"| {_fmt(m.get('abs_mass_ratio'), 2)} | {_fmt(m.get('deletion_ratio'), 2)} "
-            f"| {_fmt(m.get('deletion_ratio_risk'), 2)} | {_fmt(m.get('deletion_lowers'), 2)} |"
+            f"| {_fmt(m.get('deletion_ratio_risk'), 2)} | {_fmt(m.get('deletion_lowers'), 2)} "
+            f"| {_fmt(m.get('insertion_gain'), 3)} |"
         )
     return lines
 
@@ -787,7 +814,9 @@ def write_heatmap_report(
         f"changes when the map's top {100 * s['deletion_fraction']:g} % of tiles are removed, "
         f"over the mean change for {s['deletion_draws']} random removals of as many tiles "
         "(subtype maps: probability of their class; risk map: risk score; the other rows: "
-        "probability of the true class, and the risk score in the next column).",
+        "probability of the true class, and the risk score in the next column). Insertion "
+        "gain: the same output for a slide made of the top tiles only minus that for slides "
+        "made of the random draws only (> 0 = the top tiles alone carry the output up).",
         "",
         summary_table(result),
         "",
