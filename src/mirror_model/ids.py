@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "SLIDE_SUFFIXES",
+    "files_by_slide",
     "has_slide_suffix",
     "is_tcga_barcode",
     "match_sample",
@@ -144,3 +145,22 @@ def _match_prefix(stem: str, ids: Sequence[str]) -> str | None:
         s for s in ids if len(stem) < len(s) and s.startswith(stem) and s[len(stem)] in _SEPARATORS
     ]
     return cont[0] if len(cont) == 1 else None
+
+
+def files_by_slide(
+    folder: str | os.PathLike[str], slide_ids: Sequence[str], suffixes: Sequence[str]
+) -> tuple[dict[str, Path], list[str]]:
+    """``folder/<slide_id><suffix>`` for each slide (the first suffix that exists), and the
+    slide IDs that have none, in input order (feature files, region masks)."""
+    d = Path(folder)
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for sid in slide_ids:
+        for suf in suffixes:
+            p = d / f"{sid}{suf}"
+            if p.is_file():
+                found[sid] = p
+                break
+        else:
+            missing.append(sid)
+    return found, missing

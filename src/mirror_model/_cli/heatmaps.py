@@ -17,6 +17,8 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from ._options import add_device_option, add_quiet_option
+
     parser.add_argument("--run", required=True, help="a `mirror-train pretrain` output folder")
     parser.add_argument("--cohort", required=True, help="the cohort table (CSV) of the run")
     parser.add_argument(
@@ -60,20 +62,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="comma-separated map methods to compare (tile-alone, gradient); the first gives "
         "the plain map names, the others <map>@<method> (default: the method predict uses)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, auto (default cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(parser, default="cpu")
+    add_quiet_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._progress import TqdmProgress
     from ..evaluation.heatmaps import (
         evaluate_heatmaps,
         summary_table,
         write_heatmap_report,
         write_heatmap_results,
     )
+    from ._options import progress_bar
 
-    with TqdmProgress(disable=True if args.quiet else None) as bar:
+    with progress_bar(args) as bar:
         result = evaluate_heatmaps(
             args.run,
             args.cohort,

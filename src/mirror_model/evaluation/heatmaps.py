@@ -113,16 +113,9 @@ def find_masks(masks_dir: str | os.PathLike[str], slide_ids: list[str]) -> dict[
     d = Path(masks_dir)
     if not d.is_dir():
         raise ConfigError(f"mask folder {d} does not exist.")
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for sid in slide_ids:
-        for suf in MASK_SUFFIXES:
-            p = d / f"{sid}{suf}"
-            if p.is_file():
-                found[sid] = p
-                break
-        else:
-            missing.append(sid)
+    from ..ids import files_by_slide
+
+    found, missing = files_by_slide(d, slide_ids, MASK_SUFFIXES)
     if missing:
         first = missing[0]
         others = f" and {len(missing) - 1} more ({', '.join(missing[1:6])}{', …' if len(missing) > 6 else ''})" if len(missing) > 1 else ""
@@ -470,7 +463,9 @@ def evaluate_heatmaps(
         d = Path(masks_dir)
         if not d.is_dir():
             raise ConfigError(f"mask folder {d} does not exist.")
-        have = {sid for sid in slide_ids if any((d / f"{sid}{s}").is_file() for s in MASK_SUFFIXES)}
+        from ..ids import files_by_slide
+
+        have = set(files_by_slide(d, slide_ids, MASK_SUFFIXES)[0])
         jobs = [(k, r) for k, r in jobs if str(r["slide_id"]) in have]
         if not jobs:
             raise ConfigError(f"{d} has no mask for any held-out slide.")

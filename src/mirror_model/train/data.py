@@ -77,16 +77,9 @@ def find_feature_files(
         raise FeatureFileError(
             f"feature folder {d} does not exist; run `mirror-train extract` first."
         )
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for sid in slide_ids:
-        for suf in FEATURE_SUFFIXES:
-            p = d / f"{sid}{suf}"
-            if p.is_file():
-                found[sid] = p
-                break
-        else:
-            missing.append(sid)
+    from ..ids import files_by_slide
+
+    found, missing = files_by_slide(d, slide_ids, FEATURE_SUFFIXES)
     if missing:
         shown = ", ".join(missing[:20]) + (
             f", ... ({len(missing)} in all)" if len(missing) > 20 else ""
