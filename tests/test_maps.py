@@ -237,13 +237,7 @@ def test_integrated_gradients_are_complete_on_the_real_slide_encoder():
 # ------------------------------------------------------------------------------------------
 # the maps through predict, on a real bundle
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    from _bundle_helpers import build_case
-
-    return build_case(tmp_path_factory.mktemp("maps"))
-
-
+# (``case``: the module-scoped bundle fixture of conftest)
 def test_slide_heads_reproduce_the_bundle_heads(case):
     from mirror_model.inference import predict
     from mirror_model.maps import slide_heads
