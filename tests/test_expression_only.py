@@ -80,6 +80,10 @@ def test_evaluate_and_export_and_predict_an_rna_only_run(rna_run, tmp_path):
     b = load_bundle(out.path)
     assert b.expression_only and b.input_kinds == ("rna",) and not b.has_slide_encoder
     assert b.target_mpp is None and "expression-only model" in b.summary()
+    # the cohort has no slides: the bundle does not count its patient rows as slides
+    assert b.document["training"]["n_slides"] == 0
+    assert "24 patients, no slides (expression only)" in b.summary()
+    assert "slides" not in b.provenance.training_data
     pid = res.splits.fold(0).test[0]
     pred = predict(b, expression_path=toy.expression, sample_id=pid, device="cpu")
     assert pred.modalities == ("rna",) and pred.predicted_subtype in ("A", "B")

@@ -359,8 +359,12 @@ class Bundle:
         if t:
             counts = t.get("subtype_counts") or {}
             lines.append(
-                f"  trained on    {t.get('n_patients', '?')} patients, {t.get('n_slides', '?')} "
-                f"slides"
+                f"  trained on    {t.get('n_patients', '?')} patients, "
+                + (
+                    "no slides (expression only)"
+                    if self.expression_only or t.get("n_slides") == 0
+                    else f"{t.get('n_slides', '?')} slides"
+                )
                 + (f" ({', '.join(f'{k}: {v}' for k, v in counts.items())})" if counts else "")
                 + (f"; fold {t['fold']}" if "fold" in t else "")
             )

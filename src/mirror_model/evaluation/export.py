@@ -310,9 +310,12 @@ def _n_slides(data: Mapping[str, Any]) -> int | None:
     from ..cohort import read_cohort
 
     try:
-        return len(read_cohort(data["cohort"])) if data.get("cohort") else None
+        cohort = read_cohort(data["cohort"]) if data.get("cohort") else None
     except MirrorError:
         return None
+    if cohort is None:
+        return None
+    return len(cohort) if cohort.has_slides else 0  # an expression-only cohort: no slides
 
 
 def _tiling(run_path: Path, enc: Mapping[str, Any], attrs: Mapping[str, Any]) -> dict[str, Any]:
