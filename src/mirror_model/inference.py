@@ -50,7 +50,14 @@ from ._kinds import input_kind
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
 from .ids import match_sample, slide_stem
-from .maps import ATTENTION, MAP_METHODS, TileMap, attention_map, rank_tiles
+from .maps import (
+    ATTENTION,
+    DEFAULT_MAP_METHOD,
+    MAP_METHODS,
+    TileMap,
+    attention_map,
+    rank_tiles,
+)
 
 __all__ = [
     "Prediction",
@@ -455,7 +462,7 @@ def predict(
         bundle's training medians), ``"zero"`` or ``"drop-genes"`` (see
         :func:`~mirror_model.expression.read_expression`).
     maps : compute the subtype and risk maps (``Prediction.maps``) besides the encoder's
-        attention: True (the default method, ``"tile-alone"``), a method name of
+        attention: True (the default method, :data:`mirror_model.maps.DEFAULT_MAP_METHOD`), a method name of
         :data:`mirror_model.maps.MAP_METHODS`, or False to skip them (the attention map is
         always there).
 
@@ -534,7 +541,7 @@ def predict(
     with timer.stage("heads"):
         _apply_heads(bundle, pred, tuple(modalities))
     if slide is not None and maps:
-        _maps_stage(run, pred, slide, "tile-alone" if maps is True else str(maps))
+        _maps_stage(run, pred, slide, DEFAULT_MAP_METHOD if maps is True else str(maps))
     timer.total()
     pred.timings_s = timer.t
     return pred

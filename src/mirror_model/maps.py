@@ -15,7 +15,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ATTENTION", "SlideHeads", "TileMap", "rank_tiles", "slide_heads"]
+__all__ = [
+    "ATTENTION",
+    "DEFAULT_MAP_METHOD",
+    "MAP_METHODS",
+    "SlideHeads",
+    "TileMap",
+    "head_maps",
+    "rank_tiles",
+    "slide_heads",
+]
 
 #: Name of the encoder-attention map.
 ATTENTION = "attention"
@@ -361,6 +370,9 @@ def tile_alone_scores(
 
 #: Map methods of :func:`head_maps`.
 MAP_METHODS = ("tile-alone", "gradient")
+#: The method ``predict`` and ``mirror-train heatmaps`` use unless told otherwise (chosen by
+#: measurement: README, "Per-tile maps").
+DEFAULT_MAP_METHOD = "tile-alone"
 
 
 def head_maps(
@@ -368,7 +380,7 @@ def head_maps(
     features: Any,
     heads: SlideHeads,
     *,
-    method: str = "tile-alone",
+    method: str = DEFAULT_MAP_METHOD,
     steps: int = 1,
     precision: str = "fp32",
     positions: Any = None,
@@ -382,7 +394,7 @@ def head_maps(
     one is computed as minus the sum of the others (attribution is linear in the read-out). The
     risk map explains the Cox risk score.
 
-    ``method``: ``"tile-alone"`` (default; :func:`tile_alone_scores`) or ``"gradient"``
+    ``method``: ``"tile-alone"`` (:func:`tile_alone_scores`) or ``"gradient"``
     (:func:`attribute_tiles`, ``steps`` > 1 = integrated gradients). ``positions``: the tiles'
     ``[N, 2]`` lattice cells, for encoders that need them (see :func:`encoder_kwargs`).
     """

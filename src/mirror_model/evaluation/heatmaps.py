@@ -419,9 +419,9 @@ def evaluate_heatmaps(
         raise ConfigError(f"the deletion fraction must be in (0, 1); got {fraction}.")
     if int(draws) < 1:
         raise ConfigError(f"draws must be at least 1; got {draws}.")
-    from ..maps import MAP_METHODS
+    from ..maps import DEFAULT_MAP_METHOD, MAP_METHODS
 
-    methods = tuple(methods) if methods else (MAP_METHODS[0],)
+    methods = tuple(methods) if methods else (DEFAULT_MAP_METHOD,)
     bad = [m for m in methods if m not in MAP_METHODS]
     if bad or len(set(methods)) != len(methods):
         raise ConfigError(
