@@ -27,6 +27,7 @@ def test_preset_names():
     assert set(list_presets()) == {
         "mirror",
         "mirror-authors",
+        "mirror-grid",
         "tangle",
         "mirror-no-retention",
         "mirror-no-clustering",

@@ -57,12 +57,20 @@ def padded_batch(sizes, n_max, dim, scatter=True, seed=0):
     return bags, x, mask, positions
 
 
+def _cells(m, b: int, n: int) -> dict:
+    """``positions=`` for a model that needs tile positions (mirror-grid): tiles in one row."""
+    if not m.needs_positions:
+        return {}
+    row = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], dim=-1)
+    return {"positions": row.expand(b, n, 2)}
+
+
 # ---------------------------------------------------------------------- API and shapes
 @pytest.mark.parametrize("preset", list_presets())
 def test_forward_and_encoders_have_the_documented_shapes(preset):
     m = small(preset)
     x, r = torch.randn(3, 17, 12), torch.randn(3, 20)
-    out = m(features=x, rna=r)
+    out = m(features=x, rna=r, **_cells(m, 3, 17))
     cfg = m.config
     assert set(out.losses) == set(cfg.active_losses)
     assert out.loss.shape == () and torch.isfinite(out.loss)
@@ -72,7 +80,7 @@ def test_forward_and_encoders_have_the_documented_shapes(preset):
     assert out.attention.shape == (3, 17)
     m.eval()
     with torch.no_grad():
-        enc = m.encode_slide(x[0])  # [N, Dp] -> B = 1
+        enc = m.encode_slide(x[0], **_cells(m, 1, 17))  # [N, Dp] -> B = 1
         assert enc.embedding.shape == (1, 24) and enc.attention.shape == (1, 17)
         assert m.encode_rna(r[0]).shape == (1, 24)
         assert m.encode_rna(r).shape == (3, 24)
@@ -322,7 +330,7 @@ def test_prototypes_orthogonal_init_and_renormalisation():
 def test_every_trainable_parameter_receives_a_gradient(preset):
     m = small(preset)
     _, x, mask, _ = padded_batch([10, 16, 7], 16, 12)
-    out = m(x.float(), torch.randn(3, 20), tile_mask=mask)
+    out = m(x.float(), torch.randn(3, 20), tile_mask=mask, **_cells(m, 3, 16))
     out.loss.backward()
     missing = [
         n

@@ -79,3 +79,20 @@ def test_small_cohort_yaml_is_the_demo_recipe(tmp_path):
     s = DemoSettings.full()
     assert preset == "mirror" and model == s.model_overrides()
     assert cfg == TrainConfig(**{**s.train_kwargs(), "seed": cfg.seed})
+
+
+def test_mirror_grid_deviates_from_the_authors_only_where_documented():
+    import dataclasses
+
+    from mirror_model.config import MIRROR_GRID_DEVIATIONS, get_preset
+
+    authors, grid = get_preset("mirror-authors"), get_preset("mirror-grid")
+    diff = {
+        f.name: getattr(grid, f.name)
+        for f in dataclasses.fields(grid)
+        if f.name != "name" and getattr(grid, f.name) != getattr(authors, f.name)
+    }
+    assert diff == MIRROR_GRID_DEVIATIONS == {"ppeg_layout": "grid", "nystrom_conv_kernel": 0}
+    assert get_preset("mirror").replace(name="mirror-authors") == authors  # the default
+    assert create_model("mirror-grid", **SMALL).needs_positions
+    assert not create_model("mirror", **SMALL).needs_positions

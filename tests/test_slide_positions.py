@@ -227,3 +227,22 @@ def test_batches_carry_the_sampled_tiles_cells_and_slides_of_a_patient_never_tou
     bags2 = PatientBags(["P", "Q"], {"P": ["A", "B"], "Q": ["B"]}, np.zeros((2, 3), np.float32), store)
     val = BatchLoader(bags2, 2, 16, seed=0, train=False, positions=True).make_batch(0, 0)
     assert val.positions.shape == (2, 16, 2) and bool(val.tile_mask[1, 9:].logical_not().all())
+
+
+def test_pretrain_of_a_grid_model_refuses_features_without_coordinates_before_writing(tmp_path):
+    import h5py
+    from _train_helpers import make_toy, pretrain_toy, toy_config
+
+    toy = make_toy(tmp_path / "toy", n_patients=8)
+    victim = sorted(toy.features.glob("*.h5"))[3]
+    with h5py.File(victim, "a") as fh:  # an authors'-style file: features only, no tile grid
+        del fh["coords"]
+    run = tmp_path / "run"
+    with pytest.raises(FeatureFileError, match="--preset mirror ") as err:
+        pretrain_toy(toy, run, toy_config(epochs=1, folds=2), preset="mirror-grid")
+    assert victim.name in str(err.value) and "coordinates" in str(err.value)
+    assert not (run / "config.yaml").exists() and not (run / "splits.json").exists()
+    # the authors' layout needs no positions: the same inputs train
+    res = pretrain_toy(toy, tmp_path / "run2", toy_config(epochs=1, folds=2, fold=0),
+                       preset="mirror")
+    assert res is not None and (tmp_path / "run2" / "fold_0" / "model.json").is_file()

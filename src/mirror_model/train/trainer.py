@@ -1113,6 +1113,22 @@ def pretrain(
     return result
 
 
+def _check_tile_positions(store: Any, slide_ids: Sequence[str], preset_name: str) -> None:
+    """Every slide has tile coordinates (a model with ``ppeg_layout="grid"`` mixes each tile with
+    its lattice neighbours); raise :class:`FeatureFileError` before anything is written."""
+    from ..errors import FeatureFileError
+
+    for s in slide_ids:
+        try:
+            store.cells(s)
+        except FeatureFileError as exc:
+            raise FeatureFileError(
+                f"{exc} Preset {preset_name!r} places each tile on the slide's tile grid; to "
+                "train without tile positions use --preset mirror (or --set "
+                "model.ppeg_layout=sequence)."
+            ) from None
+
+
 @dataclass
 class _Inputs:
     cohort: Any
@@ -1232,11 +1248,14 @@ def _pretrain(
     if not rna_only and to_train:
         pat = coh.patients()
         slides = dict(zip(pat["patient_id"].astype(str), pat["slide_ids"], strict=True))
-        needed = [s for f in to_train for p in (*f.train, *f.val) for s in slides[p]]
-        # all present, one encoder and dimension, every file with tiles (headers only)
-        _feature_store(features_dir, list(dict.fromkeys(needed)), tcfg).check_consistent(
-            list(dict.fromkeys(needed))
+        needed = list(
+            dict.fromkeys(s for f in to_train for p in (*f.train, *f.val) for s in slides[p])
         )
+        # all present, one encoder and dimension, every file with tiles (headers only)
+        store = _feature_store(features_dir, needed, tcfg)
+        store.check_consistent(needed)
+        if base_model.slide_encoder == "transmil" and base_model.ppeg_layout == "grid":
+            _check_tile_positions(store, needed, preset_name)
     t_prep = time.perf_counter()
     first_data = prepare_fold(coh, expr, features_dir, to_train[0], tcfg) if to_train else None
     prep_s = time.perf_counter() - t_prep
