@@ -8,7 +8,7 @@ minutes, and shows that the pipeline *learns*:
    (:func:`mirror_model.synth.synthesize_cohort` with :data:`DEMO_SYNTH_KWARGS`);
 2. ``extract``  — ``DIR/features/<slide_id>.h5`` with the embedded ``stain-texture`` encoder
    (:data:`DEMO_EXTRACT_KWARGS`);
-3. ``pretrain`` — ``DIR/run/``: preset ``mirror`` at a small width (:data:`DEMO_MODEL_OVERRIDES`,
+3. ``pretrain`` — ``DIR/run/``: preset ``mirror-grid`` at a small width (:data:`DEMO_MODEL_OVERRIDES`,
    :data:`DEMO_TRAIN_KWARGS`), one model per patient-level fold;
 4. ``evaluate`` — ``DIR/evaluation/`` (frozen encoders, probes and survival heads fitted on each
    fold's training patients, scored on its held-out test patients);
@@ -68,7 +68,7 @@ __all__ = [
 
 #: Seed of the demo cohort (and so of its generative model: gene roles, baselines).
 DEMO_SEED = 2024
-DEMO_PRESET = "mirror"
+DEMO_PRESET = "mirror-grid"
 _STATE_FILE = "demo_state.json"
 _STATE_VERSION = 1
 
@@ -79,7 +79,7 @@ class DemoSettings:
 
     Cohort: ``n_patients`` patients, one ``slide_px``² slide each at ``slide_mpp`` µm/px,
     ``n_genes`` genes, 3 subtypes. Tiles: ``tile_px`` px at ``target_mpp`` µm/px. Model:
-    preset ``mirror`` with ``embed_dim`` and the smaller widths in :meth:`model_overrides`.
+    preset ``mirror-grid`` with ``embed_dim`` and the smaller widths in :meth:`model_overrides`.
     Training: ``folds`` patient-level folds, ``epochs`` epochs of ``batch_size`` patients,
     ``tiles_per_slide`` tiles re-sampled per slide per step, Adam at ``lr``.
     """
@@ -190,7 +190,7 @@ _FULL = DemoSettings.full()
 DEMO_SYNTH_KWARGS: dict[str, Any] = _FULL.synth_kwargs()
 #: Arguments of :func:`mirror_model.extract.extract_cohort` (encoder and tiling).
 DEMO_EXTRACT_KWARGS: dict[str, Any] = _FULL.extract_kwargs()
-#: ``ModelConfig`` overrides of preset ``mirror`` for the demo model.
+#: ``ModelConfig`` overrides of preset ``mirror-grid`` for the demo model.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = _FULL.model_overrides()
 #: ``TrainConfig`` fields of the demo pretraining.
 DEMO_TRAIN_KWARGS: dict[str, Any] = _FULL.train_kwargs()
