@@ -83,6 +83,32 @@ def test_rna_only(case):
     json.dumps(d)
 
 
+def test_a_null_survival_head_is_said_and_a_fitted_one_is_not(case):
+    """A Cox head whose inner CV kept no feature gives every patient the same risk: the
+    prediction must say so instead of showing a risk group as if it meant something."""
+    import copy
+
+    from mirror_model.inference import NULL_SURVIVAL_HEAD_WARNING
+
+    head = case.bundle.head("rna", "survival")
+    fitted = copy.copy(head)
+    fitted.coef_ = np.where(np.arange(head.coef_.size) == 0, 0.5, 0.0)
+    fitted.n_nonzero_ = 1
+    null = copy.copy(head)
+    null.coef_ = np.zeros_like(head.coef_)
+    null.n_nonzero_ = 0
+    said = NULL_SURVIVAL_HEAD_WARNING.format(kind="expression-only")
+    bundle = copy.copy(case.bundle)
+    preds = {}
+    for name, h in (("fitted", fitted), ("null", null)):
+        bundle._cache = {**case.bundle._cache, "head:rna:survival": h}
+        preds[name] = predict(bundle, expression_path=case.expression_path,
+                              sample_id=case.sample_id, device="cpu", precision="fp32")
+    assert said not in preds["fitted"].warnings
+    assert said in preds["null"].warnings and preds["null"].risk_score == 0.0
+    assert "null model" in said and "flat" in said
+
+
 def test_both_matches_sample_to_slide_and_features_equal_slide(case):
     pred = predict(case.bundle, slide_path=case.slide_path, expression_path=case.expression_path,
                    device="cpu", precision="fp32")

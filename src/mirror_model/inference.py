@@ -60,6 +60,7 @@ from .maps import (
 )
 
 __all__ = [
+    "NULL_SURVIVAL_HEAD_WARNING",
     "Prediction",
     "TileMap",
     "match_sample",
@@ -67,6 +68,14 @@ __all__ = [
     "slide_stem",
 ]
 
+
+#: Warning when the bundle's survival head is the null model (no coefficient survived inner CV).
+NULL_SURVIVAL_HEAD_WARNING = (
+    "the model's survival head for {kind} input is the null model (its inner cross-validation "
+    "kept no feature): every patient gets the same risk score, the risk group and percentile "
+    "say nothing about this patient, and the risk map is flat."
+)
+_KIND_WORDS = {"slide": "slide-only", "rna": "expression-only", "both": "slide + expression"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1004,5 +1013,8 @@ def _apply_heads(bundle: Any, pred: Prediction, modalities: tuple[str, ...]) -> 
                 100.0 * (np.sum(ref_risk < r) + 0.5 * np.sum(ref_risk == r)) / ref_risk.size
             )
         pred.reference_km = bundle.reference_km_for(kind)
+        if getattr(cox, "n_nonzero_", None) == 0:
+            # inner CV chose the null model: the score is a constant, its map flat
+            pred.warnings.append(NULL_SURVIVAL_HEAD_WARNING.format(kind=_KIND_WORDS[kind]))
     if pred.risk_score is not None and not math.isfinite(pred.risk_score):
         raise MirrorError(f"the survival head of {bundle.name} gave a non-finite risk score.")
