@@ -19,30 +19,30 @@ CMU_SMALL_SVS = SHARED_DATA / "CMU-1-Small-Region.svs"
 os.environ.setdefault("MIRROR_NUM_THREADS", "2")
 
 
+def _torch_threads(n: int):
+    """Run the rest of a fixture with ``n`` torch threads, then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread_session():
     """Module- and session-scoped fixtures are set up before function-scoped ones, so without
     this a module fixture (e.g. test_resume's reference run) would train with the default thread
     count and the test body with one: CPU reductions split across threads round differently, and
     'bitwise identical' comparisons between the two fail."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: one thread avoids OpenMP spin-waits on 2-core CI machines (restored after
     each test, so a test that needs more threads can set them)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(scope="session")
