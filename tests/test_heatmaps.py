@@ -245,3 +245,29 @@ def test_cli_heatmaps_auroc_on_masks_with_a_known_answer(tiny, tmp_path, capsys)
         assert r["mask_downsample"] == pytest.approx(4.0)
         assert r["region_share"] == pytest.approx(0.5, abs=1.0 / r["n_tiles"])
         assert r["maps"]["feature_norm"]["auroc"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_cli_heatmaps_with_expression_names_a_patient_without_a_sample(tiny, tmp_path, capsys):
+    """With --expression the maps explain the slide + expression heads; each slide's sample is
+    found by the expression table's own rules (as in training), and a patient with no sample is
+    named instead of being matched to a look-alike ID."""
+    import pandas as pd
+
+    from mirror_model.cli import main
+
+    root, cohort, run = tiny
+    table = pd.read_csv(cohort / "expression.csv")
+    args = ["heatmaps", "--run", str(run), "--cohort", str(cohort / "cohort.csv"), "--masks",
+            str(cohort / "masks"), "--draws", "1", "--examples", "0", "--quiet"]
+    assert main([*args, "--expression", str(cohort / "expression.csv"),
+                 "--out", str(tmp_path / "ok")]) == 0
+    slides = json.loads((tmp_path / "ok" / "heatmap_slides.json").read_text())
+    assert {r["input_kind"] for r in slides} == {"both"}
+    assert all(r["sample_id"][:12] == r["patient_id"] for r in slides)
+    gone = slides[0]["patient_id"]
+    table[~table["sample_id"].str.startswith(gone)].to_csv(tmp_path / "expr.csv", index=False)
+    capsys.readouterr()
+    assert main([*args, "--expression", str(tmp_path / "expr.csv"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert gone in capsys.readouterr().err

@@ -585,15 +585,12 @@ def _score_slide(
     sid = str(row["slide_id"])
     kw: dict[str, Any] = {}
     if expression is not None:
-        kw = {"expression_values": expression, "sample_id": None}
-        from ..inference import match_sample
+        from ..ids import match_sample
 
-        sample = match_sample(expression, sid) or next(
-            (s for s in expression.sample_ids if s[:12] == str(row["patient_id"])[:12]), None
-        )
-        if sample is None:
-            raise ConfigError(f"the expression table has no sample for patient {row['patient_id']}.")
-        kw["sample_id"] = sample
+        # the slide's own sample, else the patient's, matched by the table's rules (exact ID, TCGA
+        # patient key, one tumour sample) as in training; predict names a patient without one
+        sample = match_sample(expression, sid) or str(row["patient_id"])
+        kw = {"expression_values": expression, "sample_id": sample}
     pred = predict(
         bundle, features_path=features_path, device=device, precision="fp32", maps=methods[0],
         **kw,
