@@ -97,7 +97,7 @@ def test_a_null_survival_head_is_said_and_a_fitted_one_is_not(case):
     null = copy.copy(head)
     null.coef_ = np.zeros_like(head.coef_)
     null.n_nonzero_ = 0
-    said = NULL_SURVIVAL_HEAD_WARNING.format(kind="expression-only")
+    said = NULL_SURVIVAL_HEAD_WARNING.format(kind="expression only")
     bundle = copy.copy(case.bundle)
     preds = {}
     for name, h in (("fitted", fitted), ("null", null)):

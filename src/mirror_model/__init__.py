@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "Prediction": "mirror_model.inference",
     "predict": "mirror_model.inference",
     "TileMap": "mirror_model.maps",
+    "INPUT_KIND_WORDS": "mirror_model._kinds",
     "default_bundle_path": "mirror_model.bundle",
     # errors
     "MirrorError": "mirror_model.errors",

@@ -13,10 +13,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["INPUT_KINDS", "input_kind", "input_matrix"]
+__all__ = ["INPUT_KINDS", "INPUT_KIND_WORDS", "input_kind", "input_matrix"]
 
 #: Every input kind, in the order reports list them.
 INPUT_KINDS: tuple[str, ...] = ("slide", "rna", "both")
+#: Each kind in words, for messages and the panel.
+INPUT_KIND_WORDS: dict[str, str] = {
+    "slide": "slide only",
+    "rna": "expression only",
+    "both": "slide + expression",
+}
 
 
 def input_kind(modalities: Sequence[str]) -> str:

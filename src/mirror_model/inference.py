@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ._kinds import input_kind
+from ._kinds import INPUT_KIND_WORDS, input_kind
 from ._progress import ProgressFn, StopFn, check_cancel, report
 from .errors import ConfigError, ExpressionError, FeatureFileError, MirrorError
 from .ids import match_sample, slide_stem
@@ -75,7 +75,6 @@ NULL_SURVIVAL_HEAD_WARNING = (
     "kept no feature): every patient gets the same risk score, the risk group and percentile "
     "say nothing about this patient, and the risk map is flat."
 )
-_KIND_WORDS = {"slide": "slide-only", "rna": "expression-only", "both": "slide + expression"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1015,6 +1014,6 @@ def _apply_heads(bundle: Any, pred: Prediction, modalities: tuple[str, ...]) -> 
         pred.reference_km = bundle.reference_km_for(kind)
         if getattr(cox, "n_nonzero_", None) == 0:
             # inner CV chose the null model: the score is a constant, its map flat
-            pred.warnings.append(NULL_SURVIVAL_HEAD_WARNING.format(kind=_KIND_WORDS[kind]))
+            pred.warnings.append(NULL_SURVIVAL_HEAD_WARNING.format(kind=INPUT_KIND_WORDS[kind]))
     if pred.risk_score is not None and not math.isfinite(pred.risk_score):
         raise MirrorError(f"the survival head of {bundle.name} gave a non-finite risk score.")

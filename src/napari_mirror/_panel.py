@@ -174,9 +174,6 @@ class Headline:
     detail: str = ""
 
 
-_KIND_WORDS = {"slide": "slide only", "rna": "expression only", "both": "slide + expression"}
-
-
 def _mean_sd(node: Any) -> str | None:
     if not isinstance(node, Mapping) or "mean" not in node:
         return None
@@ -195,6 +192,8 @@ def metric_headlines(metrics: Mapping[str, Any], input_kind: str | None) -> list
     """A few figures that say how good the model is for the inputs of this prediction:
     held-out subtype macro AUROC and balanced accuracy (linear probe), survival C-index (Cox)
     and, where the bundle has it, the heatmap-vs-tumour-mask AUROC (mean ± sd over folds)."""
+    from mirror_model import INPUT_KIND_WORDS
+
     out: list[Headline] = []
     kinds = [input_kind] if input_kind else []
     kinds += [k for k in ("both", "slide", "rna") if k not in kinds]
@@ -219,7 +218,7 @@ def metric_headlines(metrics: Mapping[str, Any], input_kind: str | None) -> list
     ):
         txt, kind = pick(task, metric)
         if txt is not None:
-            words = _KIND_WORDS.get(kind or "", kind or "")
+            words = INPUT_KIND_WORDS.get(kind or "", kind or "")
             out.append(Headline(f"{label} ({words})", txt, f"{task} / {kind} / {metric}"))
     heat = metrics.get("heatmap")
     # the heatmap's figure says nothing about an expression-only prediction
